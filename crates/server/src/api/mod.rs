@@ -1,0 +1,71 @@
+//! The HTTP surface: Mux's REST API for spaces and signing keys, health checks, OpenAPI.
+//!
+//! Conventions of the real Mux clients that every handler keeps (`mux-control-api.md` §1):
+//! `{"data": …}` envelopes, `created_at` as a string, empty bodies read as `{}`, unknown
+//! fields and query parameters ignored, an optional trailing slash, and every failure as
+//! Mux's error body via [`error::ApiError`].
+
+pub mod auth;
+pub mod error;
+mod extract;
+mod health;
+pub mod openapi;
+mod signing_keys;
+mod spaces;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{MethodRouter, get, post};
+
+use crate::AppState;
+use error::ApiError;
+
+/// Request bodies are tiny (a space is a few hundred bytes); anything bigger is refused
+/// before it is buffered.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+fn route(router: Router<AppState>, path: &str, methods: MethodRouter<AppState>) -> Router<AppState> {
+    // mux-elixir requests `/video/v1/signing-keys/`; accept the slash everywhere.
+    router
+        .route(path, methods.clone())
+        .route(&format!("{path}/"), methods)
+}
+
+/// The whole HTTP application, testable without a socket.
+pub fn router(state: AppState) -> Router {
+    let mut r = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi::serve));
+    r = route(r, "/video/v1/spaces", post(spaces::create).get(spaces::list));
+    r = route(r, "/video/v1/spaces/{space_id}", get(spaces::retrieve).delete(spaces::delete));
+    r = route(r, "/video/v1/spaces/{space_id}/broadcasts", post(spaces::create_broadcast));
+    r = route(
+        r,
+        "/video/v1/spaces/{space_id}/broadcasts/{broadcast_id}",
+        get(spaces::broadcast).delete(spaces::broadcast),
+    );
+    r = route(
+        r,
+        "/video/v1/spaces/{space_id}/broadcasts/{broadcast_id}/start",
+        post(spaces::broadcast),
+    );
+    r = route(
+        r,
+        "/video/v1/spaces/{space_id}/broadcasts/{broadcast_id}/stop",
+        post(spaces::broadcast),
+    );
+    // Signing keys live under two prefixes (mux-node ≤7 and ≥8); one store behind both.
+    for prefix in ["/video/v1/signing-keys", "/system/v1/signing-keys"] {
+        r = route(r, prefix, post(signing_keys::create).get(signing_keys::list));
+        r = route(
+            r,
+            &format!("{prefix}/{{key_id}}"),
+            get(signing_keys::retrieve).delete(signing_keys::delete),
+        );
+    }
+    r.fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

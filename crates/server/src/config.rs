@@ -1,0 +1,124 @@
+//! One typed, strict configuration. Sources, highest precedence first: command-line flags,
+//! `SPACEGATE_*` environment variables, the TOML file named by `--config` /
+//! `SPACEGATE_CONFIG`, built-in defaults. Unknown keys in the file are an error, so a typo
+//! never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "./spacegate-data";
+pub const DEFAULT_ENVIRONMENT: &str = "default";
+
+/// The file form: every key optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub environment: Option<String>,
+    pub log: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|reason| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("invalid config file {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where the API (and, later, the WebSocket gateway) listens. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Directory of the embedded SQLite store.
+    pub data_dir: PathBuf,
+    /// Environment of the access token created on first start.
+    pub environment: String,
+    /// `tracing` filter, e.g. `info` or `spacegate_server=debug`.
+    pub log: String,
+}
+
+/// Values from flags or environment variables (clap merges those two).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub environment: Option<String>,
+    pub log: Option<String>,
+}
+
+impl Config {
+    pub fn resolve(file: FileConfig, over: Overrides) -> Config {
+        Config {
+            listen: over.listen.or(file.listen).unwrap_or_else(|| {
+                DEFAULT_LISTEN.parse().expect("default listen address is valid")
+            }),
+            data_dir: over
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            environment: over
+                .environment
+                .or(file.environment)
+                .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string()),
+            log: over.log.or(file.log).unwrap_or_else(|| "info".to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../deploy/spacegate.example.toml");
+        let file = FileConfig::parse(text).expect("example config is valid");
+        assert!(file.listen.is_some() && file.data_dir.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = FileConfig::parse("listn = \"127.0.0.1:1\"").expect_err("typo must fail");
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn flags_beat_file_beats_default() {
+        let file = FileConfig::parse("listen = \"127.0.0.1:9000\"\ndata_dir = \"/f\"")
+            .expect("valid");
+        let over = Overrides {
+            data_dir: Some("/flag".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(file, over);
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.data_dir, PathBuf::from("/flag"));
+        assert_eq!(c.environment, DEFAULT_ENVIRONMENT);
+        let d = Config::resolve(FileConfig::default(), Overrides::default());
+        assert_eq!(d.listen.to_string(), DEFAULT_LISTEN);
+        assert!(d.listen.ip().is_loopback(), "default listens on loopback only");
+    }
+}

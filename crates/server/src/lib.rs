@@ -1,0 +1,70 @@
+//! The spacegate server: the only crate that wires the others to sockets, clocks and disks.
+//!
+//! Owns: configuration, the HTTP router (Mux-compatible REST API, health, OpenAPI), access
+//! token handling, the signing-key cache of the join path, and the `spacegate` CLI. The
+//! server is a library function, [`run`], so tests start it on port 0 in-process.
+
+pub mod api;
+pub mod config;
+pub mod ids;
+pub mod join;
+pub mod keys;
+pub mod tokens;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use spacegate_store::Store;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Everything a request handler can reach. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub keys: Arc<keys::KeyCache>,
+    /// False once shutdown has begun, so `/readyz` steers load balancers away first.
+    ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            keys: Arc::new(keys::KeyCache::default()),
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Unix time in seconds; the one clock read of the control plane.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish and returns.
+pub async fn run(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let ready = state.ready.clone();
+    let app = api::router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            ready.store(false, Ordering::Relaxed);
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
+        .await
+}

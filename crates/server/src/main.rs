@@ -1,0 +1,378 @@
+//! The `spacegate` command: `serve` (the default), `tokens`, `sign`, `verify`.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use spacegate_auth::{PrivateKey, SignOptions, VerifyOptions};
+use spacegate_proto::{AccessTokenId, KeyId, ParticipantId, Role, SpaceId};
+use spacegate_server::config::{Config, FileConfig, Overrides};
+use spacegate_server::{AppState, keys::KeyCache, now_secs, tokens};
+use spacegate_store::{Permissions, SqliteStore, Store};
+
+#[derive(Debug, Parser)]
+#[command(name = "spacegate", version, about = "Self-hosted, Mux-compatible real-time video gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (the default when no command is given).
+    Serve(ServeArgs),
+    /// Manage access tokens (works while the server is stopped).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Sign a join token for a space, like `mux spaces:sign`.
+    Sign(SignArgs),
+    /// Check a join token against the stored signing keys and spaces.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct StoreArgs {
+    /// TOML config file.
+    #[arg(long, env = "SPACEGATE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Directory of the embedded store [default: ./spacegate-data].
+    #[arg(long, env = "SPACEGATE_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Address to listen on, ADDR:PORT; port 0 picks a free one [default: 127.0.0.1:8080].
+    #[arg(long, env = "SPACEGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Environment of the access token created on first start [default: default].
+    #[arg(long, env = "SPACEGATE_ENVIRONMENT")]
+    environment: Option<String>,
+    /// Log filter, e.g. `info` or `debug`.
+    #[arg(long, env = "SPACEGATE_LOG")]
+    log: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create an access token; prints its secret once.
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Environment of the token (created if new).
+        #[arg(long, default_value = "default")]
+        environment: String,
+        /// Comma-separated: read, write.
+        #[arg(long, default_value = "read,write")]
+        permissions: String,
+        /// A label for humans.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON: {"id","secret","environment","permissions"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List access tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an access token; requests with it fail at once.
+    Revoke {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SignArgs {
+    /// The space the token admits to (`sub`).
+    space_id: String,
+    /// Signing key id (`kid`).
+    #[arg(long, env = "MUX_SIGNING_KEY")]
+    key_id: String,
+    /// Private key: base64 of a PEM (as the API returns it), a PEM, or @FILE.
+    #[arg(long, env = "MUX_PRIVATE_KEY", hide_env_values = true)]
+    private_key: String,
+    #[arg(long, default_value = "publisher")]
+    role: String,
+    #[arg(long)]
+    participant_id: Option<String>,
+    /// Lifetime with a unit: 30s, 15m, 1h, 7d.
+    #[arg(long, default_value = "7d")]
+    expires_in: String,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The join token (JWT).
+    token: String,
+}
+
+fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> Result<Config> {
+    let file = match &store.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let over = Overrides {
+        listen: serve.and_then(|s| s.listen),
+        data_dir: store.data_dir.clone(),
+        environment: serve.and_then(|s| s.environment.clone()),
+        log: serve.and_then(|s| s.log.clone()),
+    };
+    Ok(Config::resolve(file, over))
+}
+
+async fn open_store(config: &Config) -> Result<SqliteStore> {
+    SqliteStore::open_dir(&config.data_dir)
+        .await
+        .with_context(|| format!("opening store in {}", config.data_dir.display()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Tokens(cmd)) => tokens_command(cmd).await,
+        Some(Command::Sign(args)) => sign(args),
+        Some(Command::Verify(args)) => verify(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = load_config(&args.store, Some(&args))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .with_context(|| format!("invalid log filter {:?}", config.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let store = open_store(&config).await?;
+    let mut out = std::io::stdout().lock();
+    if let Some(token) = tokens::bootstrap(&store, &config.environment, now_secs()).await? {
+        // Printed once, to stdout only (never to the log): the secret is not stored.
+        writeln!(
+            out,
+            "spacegate: created an access token in environment {:?}; store it now, the secret is not shown again:\n  MUX_TOKEN_ID={}\n  MUX_TOKEN_SECRET={}",
+            token.environment,
+            token.id,
+            token.secret.expose()
+        )?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    writeln!(out, "spacegate: listening on http://{addr}")?;
+    out.flush()?;
+    drop(out);
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
+    let state = AppState::new(Arc::new(store));
+    spacegate_server::run(state, listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn tokens_command(cmd: TokensCommand) -> Result<()> {
+    match cmd {
+        TokensCommand::Create {
+            store,
+            environment,
+            permissions,
+            name,
+            json,
+        } => {
+            let permissions = Permissions::parse(&permissions).map_err(anyhow::Error::msg)?;
+            if environment.trim().is_empty() {
+                bail!("--environment must not be empty");
+            }
+            let config = load_config(&store, None)?;
+            let store = open_store(&config).await?;
+            let token = tokens::create(&store, &environment, permissions, name, now_secs()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&token)?);
+            } else {
+                println!(
+                    "MUX_TOKEN_ID={}\nMUX_TOKEN_SECRET={}\n# environment {:?}, permissions {}",
+                    token.id,
+                    token.secret.expose(),
+                    token.environment,
+                    token.permissions.join(",")
+                );
+            }
+        }
+        TokensCommand::List { store, json } => {
+            let config = load_config(&store, None)?;
+            let store = open_store(&config).await?;
+            let list = store.list_access_tokens().await?;
+            if json {
+                let items: Vec<_> = list
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "id": t.id,
+                            "environment": t.environment.name,
+                            "permissions": t.permissions.names(),
+                            "name": t.name,
+                            "created_at": t.created_at.to_string(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&items)?);
+            } else {
+                for t in list {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        t.id,
+                        t.environment.name,
+                        t.permissions,
+                        t.name.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        TokensCommand::Revoke { store, id } => {
+            let id = AccessTokenId::new(id)?;
+            let config = load_config(&store, None)?;
+            let store = open_store(&config).await?;
+            if !store.revoke_access_token(&id).await? {
+                bail!("no access token {id}");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+/// `30s`, `15m`, `1h`, `7d` → seconds. A bare number is refused: `mux spaces:sign` read it
+/// as milliseconds, and guessing either way would mint tokens of the wrong lifetime.
+fn parse_duration(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .with_context(|| format!("duration {text:?} needs a unit: s, m, h or d"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("invalid duration {text:?}"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("duration {text:?} needs a unit: s, m, h or d"),
+    };
+    n.checked_mul(scale)
+        .filter(|&s| s > 0)
+        .with_context(|| format!("duration {text:?} is out of range"))
+}
+
+fn sign(args: SignArgs) -> Result<()> {
+    let key_text = match args.private_key.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading private key from {path}"))?,
+        None => args.private_key.clone(),
+    };
+    let key = PrivateKey::parse(&key_text).context("--private-key")?;
+    let role: Role = args.role.parse().context("--role")?;
+    let lifetime = parse_duration(&args.expires_in)?;
+    let options = SignOptions {
+        key_id: KeyId::new(args.key_id).context("--key-id")?,
+        space_id: SpaceId::new(args.space_id).context("SPACE_ID")?,
+        expires_at: u64::try_from(now_secs()).unwrap_or(0).saturating_add(lifetime),
+        role,
+        participant_id: args
+            .participant_id
+            .map(ParticipantId::new)
+            .transpose()
+            .context("--participant-id")?,
+    };
+    println!("{}", spacegate_auth::sign(&key, &options)?);
+    Ok(())
+}
+
+async fn verify(args: VerifyArgs) -> Result<()> {
+    let config = load_config(&args.store, None)?;
+    let store = open_store(&config).await?;
+    let keys = KeyCache::default();
+    let now = u64::try_from(now_secs()).unwrap_or(0);
+    let admitted = spacegate_server::join::verify_join_token(
+        &store,
+        &keys,
+        args.token.trim(),
+        now,
+        &VerifyOptions::default(),
+    )
+    .await
+    .context("token refused")?;
+    let c = admitted.claims;
+    println!(
+        "{}",
+        serde_json::json!({
+            "space_id": c.space_id,
+            "key_id": c.key_id,
+            "role": c.role,
+            "participant_id": c.participant_id,
+            "expires_at": c.expires_at,
+            "environment_id": admitted.environment_id,
+        })
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("90s").expect("s"), 90);
+        assert_eq!(parse_duration("15m").expect("m"), 900);
+        assert_eq!(parse_duration("1h").expect("h"), 3600);
+        assert_eq!(parse_duration("7d").expect("d"), 604_800);
+        assert!(parse_duration("3600").is_err());
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+}

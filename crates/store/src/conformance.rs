@@ -1,0 +1,212 @@
+//! The behaviour every [`Store`] backend must show, as one suite. A backend's tests call
+//! [`run_all`] with a fresh `prefix` so the suite can share a database with other runs: every
+//! id and environment name it creates starts with that prefix.
+
+use spacegate_proto::{AccessTokenId, EnvironmentId, SessionId, SpaceId};
+
+use crate::{
+    AccessTokenRecord, DeleteSpaceOutcome, Environment, Page, Permissions, SigningKeyRecord,
+    SpaceRecord, SpaceStatus, Store, StoreError,
+};
+
+fn id<T: std::str::FromStr>(prefix: &str, name: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    format!("{prefix}{name}").parse().expect("suite ids are valid")
+}
+
+/// Runs every check of the suite against `store`.
+pub async fn run_all(store: &dyn Store, prefix: &str) {
+    environments(store, prefix).await;
+    access_tokens(store, prefix).await;
+    signing_keys(store, prefix).await;
+    spaces(store, prefix).await;
+    space_activity(store, prefix).await;
+}
+
+async fn env(store: &dyn Store, prefix: &str, name: &str) -> Environment {
+    store
+        .ensure_environment(&id(prefix, &format!("env-{name}")), &format!("{prefix}{name}"), 100)
+        .await
+        .expect("ensure environment")
+}
+
+pub async fn environments(store: &dyn Store, prefix: &str) {
+    store.ping().await.expect("ping");
+    let a = env(store, prefix, "a").await;
+    assert_eq!(a.name, format!("{prefix}a"));
+    // A second ensure with another new id returns the existing environment unchanged.
+    let again = store
+        .ensure_environment(&id(prefix, "other-id"), &format!("{prefix}a"), 200)
+        .await
+        .expect("ensure again");
+    assert_eq!(again, a);
+}
+
+pub async fn access_tokens(store: &dyn Store, prefix: &str) {
+    let e = env(store, prefix, "tokens").await;
+    let tok = AccessTokenRecord {
+        id: id(prefix, "tok1"),
+        environment: e.clone(),
+        name: Some("ci".into()),
+        permissions: Permissions {
+            read: true,
+            write: false,
+        },
+        secret_sha256: [7; 32],
+        created_at: 1_700_000_000,
+    };
+    store.insert_access_token(&tok).await.expect("insert token");
+    assert_eq!(store.access_token(&tok.id).await.expect("get"), Some(tok.clone()));
+    assert!(matches!(
+        store.insert_access_token(&tok).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let listed = store.list_access_tokens().await.expect("list");
+    assert!(listed.contains(&tok));
+    let missing: AccessTokenId = id(prefix, "nope");
+    assert_eq!(store.access_token(&missing).await.expect("get missing"), None);
+    assert!(store.revoke_access_token(&tok.id).await.expect("revoke"));
+    assert!(!store.revoke_access_token(&tok.id).await.expect("revoke twice"));
+    assert_eq!(store.access_token(&tok.id).await.expect("get revoked"), None);
+}
+
+pub async fn signing_keys(store: &dyn Store, prefix: &str) {
+    let a = env(store, prefix, "keys-a").await;
+    let b = env(store, prefix, "keys-b").await;
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        let k = SigningKeyRecord {
+            id: id(prefix, &format!("key{i}")),
+            environment_id: a.id.clone(),
+            public_key_der: vec![i; 10],
+            created_at: 1_700_000_000 + i64::from(i),
+        };
+        store.insert_signing_key(&k).await.expect("insert key");
+        keys.push(k);
+    }
+    let k0 = &keys[0];
+    assert_eq!(store.signing_key(&a.id, &k0.id).await.expect("get"), Some(k0.clone()));
+    assert_eq!(store.signing_key(&b.id, &k0.id).await.expect("other env"), None);
+    assert_eq!(
+        store.signing_key_any_environment(&k0.id).await.expect("any env"),
+        Some(k0.clone())
+    );
+    assert!(matches!(
+        store.insert_signing_key(k0).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let page = |limit, page| Page { limit, page };
+    let p1 = store.list_signing_keys(&a.id, page(2, 1)).await.expect("p1");
+    let p3 = store.list_signing_keys(&a.id, page(2, 3)).await.expect("p3");
+    let p4 = store.list_signing_keys(&a.id, page(2, 4)).await.expect("p4");
+    assert_eq!(p1, keys[0..2].to_vec(), "pages are in creation order");
+    assert_eq!(p3, keys[4..5].to_vec());
+    assert!(p4.is_empty(), "past the end is empty, not an error");
+    assert!(store.list_signing_keys(&b.id, page(10, 1)).await.expect("b").is_empty());
+
+    assert!(!store.delete_signing_key(&b.id, &k0.id).await.expect("delete from other env"));
+    assert!(store.delete_signing_key(&a.id, &k0.id).await.expect("delete"));
+    assert_eq!(store.signing_key_any_environment(&k0.id).await.expect("gone"), None);
+    assert!(!store.delete_signing_key(&a.id, &k0.id).await.expect("delete twice"));
+}
+
+fn space(prefix: &str, name: &str, env: &EnvironmentId, at: i64) -> SpaceRecord {
+    SpaceRecord {
+        id: id(prefix, name),
+        environment_id: env.clone(),
+        passthrough: Some(format!("pt-{name}")),
+        status: SpaceStatus::Idle,
+        active_session_id: None,
+        created_at: at,
+    }
+}
+
+pub async fn spaces(store: &dyn Store, prefix: &str) {
+    let a = env(store, prefix, "spaces-a").await;
+    let b = env(store, prefix, "spaces-b").await;
+    let mut all = Vec::new();
+    for i in 0..3 {
+        let s = space(prefix, &format!("sp{i}"), &a.id, 1_700_000_000);
+        store.insert_space(&s).await.expect("insert space");
+        all.push(s);
+    }
+    let plain = SpaceRecord {
+        passthrough: None,
+        ..space(prefix, "plain", &a.id, 5)
+    };
+    store.insert_space(&plain).await.expect("insert plain");
+    all.push(plain.clone());
+    assert_eq!(store.space(&a.id, &plain.id).await.expect("get"), Some(plain.clone()));
+    assert_eq!(store.space(&b.id, &plain.id).await.expect("other env"), None);
+    assert!(matches!(
+        store.insert_space(&plain).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let listed = store
+        .list_spaces(&a.id, Page { limit: 3, page: 1 })
+        .await
+        .expect("list");
+    assert_eq!(listed, all[0..3].to_vec(), "creation order, not created_at order");
+    let second = store
+        .list_spaces(&a.id, Page { limit: 3, page: 2 })
+        .await
+        .expect("list 2");
+    assert_eq!(second, vec![plain.clone()]);
+    let past = store
+        .list_spaces(&a.id, Page { limit: 3, page: 1000 })
+        .await
+        .expect("past end");
+    assert!(past.is_empty());
+
+    assert_eq!(
+        store.delete_space(&b.id, &plain.id).await.expect("delete other env"),
+        DeleteSpaceOutcome::NotFound
+    );
+    assert_eq!(
+        store.delete_space(&a.id, &plain.id).await.expect("delete"),
+        DeleteSpaceOutcome::Deleted
+    );
+    assert_eq!(
+        store.delete_space(&a.id, &plain.id).await.expect("delete twice"),
+        DeleteSpaceOutcome::NotFound
+    );
+    assert_eq!(store.space_any_environment(&plain.id).await.expect("gone"), None);
+}
+
+pub async fn space_activity(store: &dyn Store, prefix: &str) {
+    let a = env(store, prefix, "activity").await;
+    let s = space(prefix, "busy", &a.id, 1);
+    store.insert_space(&s).await.expect("insert");
+    let s1: SessionId = id(prefix, "session1");
+    let s2: SessionId = id(prefix, "session2");
+
+    assert!(store.mark_space_active(&s.id, &s1).await.expect("activate"));
+    assert!(
+        !store.mark_space_active(&s.id, &s2).await.expect("activate twice"),
+        "an active space keeps its session"
+    );
+    let got = store.space(&a.id, &s.id).await.expect("get").expect("exists");
+    assert_eq!(got.status, SpaceStatus::Active);
+    assert_eq!(got.active_session_id, Some(s1.clone()));
+    assert_eq!(
+        store.delete_space(&a.id, &s.id).await.expect("delete active"),
+        DeleteSpaceOutcome::Active
+    );
+    assert!(store.space(&a.id, &s.id).await.expect("still there").is_some());
+
+    assert!(store.mark_space_idle(&s.id).await.expect("idle"));
+    assert!(!store.mark_space_idle(&s.id).await.expect("idle twice"));
+    let got = store.space(&a.id, &s.id).await.expect("get").expect("exists");
+    assert_eq!(got.status, SpaceStatus::Idle);
+    assert_eq!(got.active_session_id, None);
+
+    assert!(store.mark_space_active(&s.id, &s2).await.expect("reactivate"));
+    let got = store.space(&a.id, &s.id).await.expect("get").expect("exists");
+    assert_eq!(got.active_session_id, Some(s2), "a new session per activation");
+
+    let missing: SpaceId = id(prefix, "missing");
+    assert!(!store.mark_space_active(&missing, &s1).await.expect("missing"));
+}

@@ -1,0 +1,87 @@
+//! Persistent state of the control plane: environments, access tokens, signing keys, spaces.
+//!
+//! Owns: the [`Store`] trait, its record types, the embedded SQLite backend (the default,
+//! no services needed) and the conformance suite every backend must pass. Refuses: reading
+//! clocks and making ids (callers pass `created_at` and fresh ids in), holding secrets (only
+//! hashes of access-token secrets and public halves of signing keys are ever stored), and
+//! any HTTP or JWT knowledge.
+
+pub mod conformance;
+mod model;
+mod sqlite;
+
+pub use model::{
+    AccessTokenRecord, DeleteSpaceOutcome, Environment, Page, Permissions, SigningKeyRecord,
+    SpaceRecord, SpaceStatus,
+};
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use spacegate_proto::{AccessTokenId, EnvironmentId, KeyId, SessionId, SpaceId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique id or name is already taken.
+    #[error("already exists: {0}")]
+    Conflict(String),
+    /// Stored data that no longer parses (a row written by a newer version, a hand edit).
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Every backend (SQLite now, PostgreSQL in cluster mode) implements this, and passes
+/// [`conformance::run_all`]. Methods taking an `EnvironmentId` see only that environment:
+/// a record of another environment is reported exactly like a missing one.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Cheap round trip to the backend, for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+
+    /// Returns the environment called `name`, creating it with `new_id` if there is none.
+    async fn ensure_environment(
+        &self,
+        new_id: &EnvironmentId,
+        name: &str,
+        now: i64,
+    ) -> Result<Environment>;
+
+    async fn insert_access_token(&self, token: &AccessTokenRecord) -> Result<()>;
+    async fn access_token(&self, id: &AccessTokenId) -> Result<Option<AccessTokenRecord>>;
+    async fn list_access_tokens(&self) -> Result<Vec<AccessTokenRecord>>;
+    /// Deletes the token; `false` if there was none.
+    async fn revoke_access_token(&self, id: &AccessTokenId) -> Result<bool>;
+
+    async fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<()>;
+    async fn signing_key(
+        &self,
+        env: &EnvironmentId,
+        id: &KeyId,
+    ) -> Result<Option<SigningKeyRecord>>;
+    /// The join path's lookup: a token names only its `kid`, and the record says which
+    /// environment the key belongs to.
+    async fn signing_key_any_environment(&self, id: &KeyId) -> Result<Option<SigningKeyRecord>>;
+    async fn list_signing_keys(
+        &self,
+        env: &EnvironmentId,
+        page: Page,
+    ) -> Result<Vec<SigningKeyRecord>>;
+    async fn delete_signing_key(&self, env: &EnvironmentId, id: &KeyId) -> Result<bool>;
+
+    async fn insert_space(&self, space: &SpaceRecord) -> Result<()>;
+    async fn space(&self, env: &EnvironmentId, id: &SpaceId) -> Result<Option<SpaceRecord>>;
+    async fn space_any_environment(&self, id: &SpaceId) -> Result<Option<SpaceRecord>>;
+    async fn list_spaces(&self, env: &EnvironmentId, page: Page) -> Result<Vec<SpaceRecord>>;
+    /// Deletes an idle space. The idle check and the delete are one statement, so a join
+    /// that activates the space concurrently can never lose its space underneath it.
+    async fn delete_space(&self, env: &EnvironmentId, id: &SpaceId) -> Result<DeleteSpaceOutcome>;
+
+    /// The join path's hook: idle → active with a fresh session id. Returns `false` (and
+    /// changes nothing) if the space is missing or already active.
+    async fn mark_space_active(&self, id: &SpaceId, session: &SessionId) -> Result<bool>;
+    /// active → idle, clearing the session id. `false` if missing or already idle.
+    async fn mark_space_idle(&self, id: &SpaceId) -> Result<bool>;
+}

@@ -1,0 +1,443 @@
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use spacegate_proto::{AccessTokenId, EnvironmentId, KeyId, SessionId, SpaceId};
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+
+use crate::model::*;
+use crate::{Result, Store, StoreError};
+
+/// Schema migrations, applied in order inside one transaction each. Append only: a shipped
+/// step is never edited, so every database walks the same path.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE environments (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE access_tokens (
+    id             TEXT PRIMARY KEY,
+    environment_id TEXT NOT NULL REFERENCES environments(id),
+    name           TEXT,
+    permissions    TEXT NOT NULL,
+    secret_sha256  BLOB NOT NULL,
+    created_at     INTEGER NOT NULL
+);
+CREATE TABLE signing_keys (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    id             TEXT NOT NULL UNIQUE,
+    environment_id TEXT NOT NULL REFERENCES environments(id),
+    public_key     BLOB NOT NULL,
+    created_at     INTEGER NOT NULL
+);
+CREATE INDEX signing_keys_by_env ON signing_keys(environment_id, seq);
+CREATE TABLE spaces (
+    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                TEXT NOT NULL UNIQUE,
+    environment_id    TEXT NOT NULL REFERENCES environments(id),
+    passthrough       TEXT,
+    status            TEXT NOT NULL CHECK (status IN ('idle', 'active')),
+    active_session_id TEXT,
+    created_at        INTEGER NOT NULL
+);
+CREATE INDEX spaces_by_env ON spaces(environment_id, seq);
+"#];
+
+/// The embedded default store: one SQLite file in the data directory.
+///
+/// Durability: WAL with `synchronous=FULL`, so every acknowledged write has been fsynced and
+/// survives `kill -9` or a power cut.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(db) = &e
+        && db.is_unique_violation()
+    {
+        return StoreError::Conflict(db.message().to_string());
+    }
+    StoreError::Backend(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `spacegate.db` in `dir` and brings its schema up to date.
+    pub async fn open_dir(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Backend(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        Self::open_file(&dir.join("spacegate.db")).await
+    }
+
+    pub async fn open_file(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(backend)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            // Writers queue on SQLite's lock instead of failing: the CLI may write while
+            // the server runs.
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(backend)?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
+        if current > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {current} is newer than this spacegate ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(current) {
+            sqlx::raw_sql(step).execute(&mut *tx).await.map_err(backend)?;
+            sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
+                .bind(i as i64 + 1)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+}
+
+fn corrupt<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StoreError + '_ {
+    move |e| StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(name).map_err(backend)
+}
+
+const TOKEN_COLUMNS: &str = "t.id, t.name, t.permissions, t.secret_sha256, t.created_at, \
+     e.id AS env_id, e.name AS env_name, e.created_at AS env_created_at";
+
+fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
+    let hash: Vec<u8> = col(row, "secret_sha256")?;
+    Ok(AccessTokenRecord {
+        id: AccessTokenId::new(col::<String>(row, "id")?).map_err(corrupt("token id"))?,
+        environment: Environment {
+            id: EnvironmentId::new(col::<String>(row, "env_id")?)
+                .map_err(corrupt("environment id"))?,
+            name: col(row, "env_name")?,
+            created_at: col(row, "env_created_at")?,
+        },
+        name: col(row, "name")?,
+        permissions: Permissions::parse(&col::<String>(row, "permissions")?)
+            .map_err(corrupt("permissions"))?,
+        secret_sha256: hash
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("secret hash is not 32 bytes".into()))?,
+        created_at: col(row, "created_at")?,
+    })
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<SigningKeyRecord> {
+    Ok(SigningKeyRecord {
+        id: KeyId::new(col::<String>(row, "id")?).map_err(corrupt("key id"))?,
+        environment_id: EnvironmentId::new(col::<String>(row, "environment_id")?)
+            .map_err(corrupt("environment id"))?,
+        public_key_der: col(row, "public_key")?,
+        created_at: col(row, "created_at")?,
+    })
+}
+
+fn space_from_row(row: &SqliteRow) -> Result<SpaceRecord> {
+    let status = match col::<String>(row, "status")?.as_str() {
+        "idle" => SpaceStatus::Idle,
+        "active" => SpaceStatus::Active,
+        other => return Err(StoreError::Corrupt(format!("space status {other:?}"))),
+    };
+    Ok(SpaceRecord {
+        id: SpaceId::new(col::<String>(row, "id")?).map_err(corrupt("space id"))?,
+        environment_id: EnvironmentId::new(col::<String>(row, "environment_id")?)
+            .map_err(corrupt("environment id"))?,
+        passthrough: col(row, "passthrough")?,
+        status,
+        active_session_id: col::<Option<String>>(row, "active_session_id")?
+            .map(SessionId::new)
+            .transpose()
+            .map_err(corrupt("session id"))?,
+        created_at: col(row, "created_at")?,
+    })
+}
+
+const SPACE_COLUMNS: &str = "id, environment_id, passthrough, status, active_session_id, created_at";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn ensure_environment(
+        &self,
+        new_id: &EnvironmentId,
+        name: &str,
+        now: i64,
+    ) -> Result<Environment> {
+        sqlx::query("INSERT INTO environments (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING")
+            .bind(new_id.as_str())
+            .bind(name)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        let row = sqlx::query("SELECT id, name, created_at FROM environments WHERE name = ?")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(Environment {
+            id: EnvironmentId::new(col::<String>(&row, "id")?)
+                .map_err(corrupt("environment id"))?,
+            name: col(&row, "name")?,
+            created_at: col(&row, "created_at")?,
+        })
+    }
+
+    async fn insert_access_token(&self, t: &AccessTokenRecord) -> Result<()> {
+        sqlx::query("INSERT INTO access_tokens (id, environment_id, name, permissions, secret_sha256, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(t.id.as_str())
+            .bind(t.environment.id.as_str())
+            .bind(t.name.as_deref())
+            .bind(t.permissions.to_string())
+            .bind(&t.secret_sha256[..])
+            .bind(t.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn access_token(&self, id: &AccessTokenId) -> Result<Option<AccessTokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM access_tokens t JOIN environments e ON e.id = t.environment_id WHERE t.id = ?"
+        );
+        sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .as_ref()
+            .map(token_from_row)
+            .transpose()
+    }
+
+    async fn list_access_tokens(&self) -> Result<Vec<AccessTokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM access_tokens t JOIN environments e ON e.id = t.environment_id ORDER BY t.created_at, t.id"
+        );
+        sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(token_from_row)
+            .collect()
+    }
+
+    async fn revoke_access_token(&self, id: &AccessTokenId) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM access_tokens WHERE id = ?")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_signing_key(&self, k: &SigningKeyRecord) -> Result<()> {
+        sqlx::query("INSERT INTO signing_keys (id, environment_id, public_key, created_at) VALUES (?, ?, ?, ?)")
+            .bind(k.id.as_str())
+            .bind(k.environment_id.as_str())
+            .bind(&k.public_key_der)
+            .bind(k.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn signing_key(
+        &self,
+        env: &EnvironmentId,
+        id: &KeyId,
+    ) -> Result<Option<SigningKeyRecord>> {
+        sqlx::query("SELECT id, environment_id, public_key, created_at FROM signing_keys WHERE id = ? AND environment_id = ?")
+            .bind(id.as_str())
+            .bind(env.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .as_ref()
+            .map(key_from_row)
+            .transpose()
+    }
+
+    async fn signing_key_any_environment(&self, id: &KeyId) -> Result<Option<SigningKeyRecord>> {
+        sqlx::query("SELECT id, environment_id, public_key, created_at FROM signing_keys WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .as_ref()
+            .map(key_from_row)
+            .transpose()
+    }
+
+    async fn list_signing_keys(
+        &self,
+        env: &EnvironmentId,
+        page: Page,
+    ) -> Result<Vec<SigningKeyRecord>> {
+        sqlx::query("SELECT id, environment_id, public_key, created_at FROM signing_keys WHERE environment_id = ? ORDER BY seq LIMIT ? OFFSET ?")
+            .bind(env.as_str())
+            .bind(i64::from(page.limit))
+            .bind(page.offset())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(key_from_row)
+            .collect()
+    }
+
+    async fn delete_signing_key(&self, env: &EnvironmentId, id: &KeyId) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM signing_keys WHERE id = ? AND environment_id = ?")
+            .bind(id.as_str())
+            .bind(env.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_space(&self, s: &SpaceRecord) -> Result<()> {
+        sqlx::query("INSERT INTO spaces (id, environment_id, passthrough, status, active_session_id, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(s.id.as_str())
+            .bind(s.environment_id.as_str())
+            .bind(s.passthrough.as_deref())
+            .bind(s.status.as_str())
+            .bind(s.active_session_id.as_ref().map(|x| x.as_str()))
+            .bind(s.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn space(&self, env: &EnvironmentId, id: &SpaceId) -> Result<Option<SpaceRecord>> {
+        let sql = format!("SELECT {SPACE_COLUMNS} FROM spaces WHERE id = ? AND environment_id = ?");
+        sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(env.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .as_ref()
+            .map(space_from_row)
+            .transpose()
+    }
+
+    async fn space_any_environment(&self, id: &SpaceId) -> Result<Option<SpaceRecord>> {
+        let sql = format!("SELECT {SPACE_COLUMNS} FROM spaces WHERE id = ?");
+        sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .as_ref()
+            .map(space_from_row)
+            .transpose()
+    }
+
+    async fn list_spaces(&self, env: &EnvironmentId, page: Page) -> Result<Vec<SpaceRecord>> {
+        let sql = format!(
+            "SELECT {SPACE_COLUMNS} FROM spaces WHERE environment_id = ? ORDER BY seq LIMIT ? OFFSET ?"
+        );
+        sqlx::query(&sql)
+            .bind(env.as_str())
+            .bind(i64::from(page.limit))
+            .bind(page.offset())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(space_from_row)
+            .collect()
+    }
+
+    async fn delete_space(&self, env: &EnvironmentId, id: &SpaceId) -> Result<DeleteSpaceOutcome> {
+        let done = sqlx::query(
+            "DELETE FROM spaces WHERE id = ? AND environment_id = ? AND status = 'idle'",
+        )
+        .bind(id.as_str())
+        .bind(env.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() > 0 {
+            return Ok(DeleteSpaceOutcome::Deleted);
+        }
+        // Nothing deleted: tell "not there" from "busy" for the caller's error message.
+        Ok(match self.space(env, id).await? {
+            Some(_) => DeleteSpaceOutcome::Active,
+            None => DeleteSpaceOutcome::NotFound,
+        })
+    }
+
+    async fn mark_space_active(&self, id: &SpaceId, session: &SessionId) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE spaces SET status = 'active', active_session_id = ? WHERE id = ? AND status = 'idle'",
+        )
+        .bind(session.as_str())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn mark_space_idle(&self, id: &SpaceId) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE id = ? AND status = 'active'",
+        )
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+}
