@@ -43,17 +43,17 @@ pub fn router(state: AppState) -> Router {
     r = route(
         r,
         "/video/v1/spaces/{space_id}/broadcasts/{broadcast_id}",
-        get(spaces::broadcast).delete(spaces::broadcast),
+        get(spaces::broadcast).delete(spaces::delete_broadcast),
     );
     r = route(
         r,
         "/video/v1/spaces/{space_id}/broadcasts/{broadcast_id}/start",
-        post(spaces::broadcast),
+        post(spaces::start_broadcast),
     );
     r = route(
         r,
         "/video/v1/spaces/{space_id}/broadcasts/{broadcast_id}/stop",
-        post(spaces::broadcast),
+        post(spaces::stop_broadcast),
     );
     // Signing keys live under two prefixes (mux-node ≤7 and ≥8); one store behind both.
     for prefix in ["/video/v1/signing-keys", "/system/v1/signing-keys"] {

@@ -14,7 +14,8 @@ use super::spaces::{self, Broadcast, CreateSpaceRequest, Space, SpaceListRespons
     info(title = "spacegate", description = "Self-hosted, Mux-compatible real-time video API"),
     paths(
         spaces::create, spaces::list, spaces::retrieve, spaces::delete,
-        spaces::create_broadcast, spaces::broadcast,
+        spaces::create_broadcast, spaces::broadcast, spaces::delete_broadcast,
+        spaces::start_broadcast, spaces::stop_broadcast,
         signing_keys::create, signing_keys::list, signing_keys::retrieve, signing_keys::delete,
     ),
     components(schemas(Space, Broadcast, CreateSpaceRequest, SpaceResponse, SpaceListResponse,

@@ -222,8 +222,8 @@ pub async fn create_broadcast(
     Err(broadcasts_unsupported())
 }
 
-/// Retrieve, delete, start and stop of a broadcast: the space must exist, and then the
-/// answer is "not supported yet", so a client learns the real reason, not a 404.
+/// Retrieve of a broadcast (and the core of delete, start and stop): the space must exist,
+/// and then the answer is "not supported yet", so a client learns the real reason, not a 404.
 #[utoipa::path(get, path = "/video/v1/spaces/{SPACE_ID}/broadcasts/{BROADCAST_ID}", operation_id = "get_space_broadcast", tag = "spaces",
     params(("SPACE_ID" = String, Path), ("BROADCAST_ID" = String, Path)),
     responses((status = 501, body = ErrorBody, description = "Not supported yet"),
@@ -234,6 +234,7 @@ pub async fn broadcast(
     caller: Caller,
     ids: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
+    caller.require_read()?;
     let Path((space_id, _)) = ids.map_err(|r| ApiError::InvalidParameters(r.body_text()))?;
     existing_space(&state, &caller, Ok(Path(space_id))).await?;
     Err(broadcasts_unsupported())
@@ -250,4 +251,49 @@ async fn existing_space(
         .space(&caller.environment_id, &id)
         .await?
         .ok_or(ApiError::NotFound)
+}
+
+#[utoipa::path(delete, path = "/video/v1/spaces/{SPACE_ID}/broadcasts/{BROADCAST_ID}", tag = "spaces",
+    operation_id = "delete_space_broadcast",
+    params(("SPACE_ID" = String, Path), ("BROADCAST_ID" = String, Path)),
+    responses((status = 501, body = ErrorBody, description = "Not supported yet"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("basic_auth" = [])))]
+pub async fn delete_broadcast(
+    state: State<AppState>,
+    caller: Caller,
+    ids: Result<Path<(String, String)>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_write()?;
+    broadcast(state, caller, ids).await
+}
+
+#[utoipa::path(post, path = "/video/v1/spaces/{SPACE_ID}/broadcasts/{BROADCAST_ID}/start", tag = "spaces",
+    operation_id = "start_space_broadcast",
+    params(("SPACE_ID" = String, Path), ("BROADCAST_ID" = String, Path)),
+    responses((status = 501, body = ErrorBody, description = "Not supported yet"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("basic_auth" = [])))]
+pub async fn start_broadcast(
+    state: State<AppState>,
+    caller: Caller,
+    ids: Result<Path<(String, String)>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_write()?;
+    broadcast(state, caller, ids).await
+}
+
+#[utoipa::path(post, path = "/video/v1/spaces/{SPACE_ID}/broadcasts/{BROADCAST_ID}/stop", tag = "spaces",
+    operation_id = "stop_space_broadcast",
+    params(("SPACE_ID" = String, Path), ("BROADCAST_ID" = String, Path)),
+    responses((status = 501, body = ErrorBody, description = "Not supported yet"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("basic_auth" = [])))]
+pub async fn stop_broadcast(
+    state: State<AppState>,
+    caller: Caller,
+    ids: Result<Path<(String, String)>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_write()?;
+    broadcast(state, caller, ids).await
 }

@@ -1,0 +1,112 @@
+//! A real server on port 0 in this process, with a temp data dir and the bootstrap token.
+#![allow(dead_code)] // each test binary uses a different part of this
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::Value;
+use spacegate_server::{AppState, now_secs, tokens};
+use spacegate_store::{Permissions, SqliteStore};
+use tokio::sync::oneshot;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub token: (String, String),
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open_dir(dir.path()).await.expect("store");
+        let token = tokens::bootstrap(&store, "default", now_secs())
+            .await
+            .expect("bootstrap")
+            .expect("fresh store gets a token");
+        let state = AppState::new(Arc::new(store));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(spacegate_server::run(state.clone(), listener, async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            state,
+            token: (token.id.to_string(), token.secret.expose().to_string()),
+            http: reqwest::Client::new(),
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// A request authenticated with the bootstrap (read+write, "default") token.
+    pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
+        self.req_as(&self.token, method, path)
+    }
+
+    pub fn req_as(&self, token: &(String, String), method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .basic_auth(&token.0, Some(&token.1))
+    }
+
+    /// Another access token, in `environment`, with `permissions` ("read", "read,write").
+    pub async fn token(&self, environment: &str, permissions: &str) -> (String, String) {
+        let t = tokens::create(
+            self.state.store.as_ref(),
+            environment,
+            Permissions::parse(permissions).expect("permissions"),
+            None,
+            now_secs(),
+        )
+        .await
+        .expect("create token");
+        (t.id.to_string(), t.secret.expose().to_string())
+    }
+
+    pub async fn create_space(&self, body: Value) -> Value {
+        let res = self
+            .req(Method::POST, "/video/v1/spaces")
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(res.status(), 201);
+        data(res).await
+    }
+
+    pub async fn space_count(&self) -> usize {
+        let res = self
+            .req(Method::GET, "/video/v1/spaces?limit=100")
+            .send()
+            .await
+            .expect("send");
+        data(res).await.as_array().expect("array").len()
+    }
+}
+
+pub async fn data(res: Response) -> Value {
+    let mut body: Value = res.json().await.expect("json body");
+    body.get_mut("data").expect("data envelope").take()
+}
+
+/// Asserts a Mux error body of `status` and `kind`; returns its first message.
+pub async fn expect_error(res: Response, status: u16, kind: &str) -> String {
+    assert_eq!(res.status(), status, "status");
+    let body: Value = res.json().await.expect("error body is JSON");
+    assert_eq!(body["error"]["type"], kind, "error type in {body}");
+    let messages = body["error"]["messages"].as_array().expect("messages array");
+    assert!(!messages.is_empty());
+    messages[0].as_str().expect("string message").to_string()
+}
