@@ -1,0 +1,348 @@
+//! The `spacegate` binary as a user runs it: first start, config sources, signals, crash
+//! safety, and the `tokens`, `sign` and `verify` commands.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_spacegate");
+
+struct Running {
+    child: Child,
+    url: String,
+    /// `(MUX_TOKEN_ID, MUX_TOKEN_SECRET)` when this start created the bootstrap token.
+    token: Option<(String, String)>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spacegate(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env_remove("SPACEGATE_CONFIG")
+        .env_remove("SPACEGATE_DATA_DIR")
+        .env_remove("SPACEGATE_LISTEN")
+        .env_remove("MUX_SIGNING_KEY")
+        .env_remove("MUX_PRIVATE_KEY");
+    cmd
+}
+
+/// Starts `cmd` and reads its stdout up to the "listening on" line.
+fn start(mut cmd: Command) -> Running {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn spacegate");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut id, mut secret) = (None, None);
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server printed its address in time");
+        if let Some(v) = line.trim().strip_prefix("MUX_TOKEN_ID=") {
+            id = Some(v.to_string());
+        } else if let Some(v) = line.trim().strip_prefix("MUX_TOKEN_SECRET=") {
+            secret = Some(v.to_string());
+        } else if let Some(url) = line.strip_prefix("spacegate: listening on ") {
+            return Running {
+                child,
+                url: url.trim().to_string(),
+                token: id.zip(secret),
+            };
+        }
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run spacegate");
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run spacegate");
+    assert!(!out.status.success(), "command should have failed");
+    String::from_utf8(out.stderr).expect("utf8")
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::new()
+}
+
+fn create(r: &Running, token: &(String, String), path: &str) -> Value {
+    let res = http()
+        .post(format!("{}{path}", r.url))
+        .basic_auth(&token.0, Some(&token.1))
+        .json(&json!({}))
+        .send()
+        .expect("send");
+    assert_eq!(res.status(), 201, "POST {path}");
+    res.json::<Value>().expect("json")["data"].take()
+}
+
+fn status(r: &Running, token: &(String, String), path: &str) -> u16 {
+    http()
+        .get(format!("{}{path}", r.url))
+        .basic_auth(&token.0, Some(&token.1))
+        .send()
+        .expect("send")
+        .status()
+        .as_u16()
+}
+
+#[test]
+fn first_start_creates_a_token_once_and_data_persists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No flags at all: only the port comes from the environment, so tests run in parallel.
+    let mut cmd = spacegate(dir.path());
+    cmd.env("SPACEGATE_LISTEN", "127.0.0.1:0");
+    let r = start(cmd);
+    assert!(r.url.starts_with("http://127.0.0.1:"), "loopback: {}", r.url);
+    let token = r.token.clone().expect("first start prints a token");
+    let space = create(&r, &token, "/video/v1/spaces");
+    assert!(dir.path().join("spacegate-data/spacegate.db").exists(), "default data dir");
+    drop(r);
+
+    let mut cmd = spacegate(dir.path());
+    cmd.env("SPACEGATE_LISTEN", "127.0.0.1:0");
+    let r = start(cmd);
+    assert!(r.token.is_none(), "the token is printed on the first start only");
+    let id = space["id"].as_str().expect("id");
+    assert_eq!(status(&r, &token, &format!("/video/v1/spaces/{id}")), 200);
+}
+
+#[test]
+fn config_file_flags_and_env_set_the_same_things() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("spacegate.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\ndata_dir = \"from-file\"\nenvironment = \"prod\"\n")
+        .expect("write config");
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["serve", "--config"]).arg(&cfg);
+    let r = start(cmd);
+    assert!(r.token.is_some());
+    assert!(dir.path().join("from-file/spacegate.db").exists());
+    drop(r);
+
+    // --data-dir beats the file; SPACEGATE_DATA_DIR is beaten by the flag.
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--data-dir", "from-flag"])
+        .env("SPACEGATE_DATA_DIR", "from-env");
+    let _r = start(cmd);
+    assert!(dir.path().join("from-flag/spacegate.db").exists());
+    assert!(!dir.path().join("from-env").exists());
+
+    // A typo in the file is an error, not a silent default.
+    std::fs::write(&cfg, "lisen = \"127.0.0.1:0\"\n").expect("write");
+    let err = run_err(spacegate(dir.path()).args(["serve", "--config"]).arg(&cfg));
+    assert!(err.contains("lisen"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let mut r = start(cmd);
+    let pid = r.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = r.child.try_wait().expect("wait") {
+            assert!(status.success(), "graceful exit, got {status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let mut r = start(cmd);
+    let token = r.token.clone().expect("token");
+    let ids: Vec<String> = (0..20)
+        .map(|_| create(&r, &token, "/video/v1/spaces")["id"].as_str().expect("id").to_string())
+        .collect();
+    let key = create(&r, &token, "/system/v1/signing-keys");
+    // SIGKILL right after the last acknowledgement: no shutdown path runs.
+    r.child.kill().expect("kill -9");
+    r.child.wait().expect("reap");
+
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let r = start(cmd);
+    for id in &ids {
+        assert_eq!(status(&r, &token, &format!("/video/v1/spaces/{id}")), 200, "space {id} lost");
+    }
+    let kid = key["id"].as_str().expect("kid");
+    assert_eq!(status(&r, &token, &format!("/system/v1/signing-keys/{kid}")), 200);
+}
+
+#[test]
+fn tokens_commands_work_while_the_server_is_stopped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let out = run_ok(
+        spacegate(dir.path())
+            .args(["tokens", "create", "--data-dir"])
+            .arg(&data)
+            .args(["--environment", "staging", "--permissions", "read", "--json"]),
+    );
+    let created: Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(created["environment"], "staging");
+    assert_eq!(created["permissions"], json!(["read"]));
+    let ro = (
+        created["id"].as_str().expect("id").to_string(),
+        created["secret"].as_str().expect("secret").to_string(),
+    );
+
+    let listed: Value = serde_json::from_str(
+        run_ok(spacegate(dir.path()).args(["tokens", "list", "--json", "--data-dir"]).arg(&data)).trim(),
+    )
+    .expect("json");
+    let listed = listed.as_array().expect("array");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], created["id"]);
+    assert!(listed[0].get("secret").is_none(), "secrets are never listed");
+
+    // The database holds only a hash of the secret.
+    let db = std::fs::read(data.join("spacegate.db")).expect("db");
+    let wal = std::fs::read(data.join("spacegate.db-wal")).unwrap_or_default();
+    let needle = ro.1.as_bytes();
+    for bytes in [&db, &wal] {
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "secret stored in clear");
+    }
+
+    // A store that has a token gets no bootstrap token; the CLI token works.
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(&data);
+    let r = start(cmd);
+    assert!(r.token.is_none());
+    assert_eq!(status(&r, &ro, "/video/v1/spaces"), 200);
+    let res = http()
+        .post(format!("{}/video/v1/spaces", r.url))
+        .basic_auth(&ro.0, Some(&ro.1))
+        .send()
+        .expect("send");
+    assert_eq!(res.status(), 403, "read-only");
+
+    // Revoking while the server runs takes effect on the next request.
+    let out = run_ok(spacegate(dir.path()).args(["tokens", "revoke", &ro.0, "--data-dir"]).arg(&data));
+    assert!(out.contains("revoked"));
+    assert_eq!(status(&r, &ro, "/video/v1/spaces"), 401);
+    let err = run_err(spacegate(dir.path()).args(["tokens", "revoke", &ro.0, "--data-dir"]).arg(&data));
+    assert!(err.contains("no access token"), "{err}");
+
+    let err = run_err(
+        spacegate(dir.path())
+            .args(["tokens", "create", "--permissions", "admin", "--data-dir"])
+            .arg(&data),
+    );
+    assert!(err.contains("unknown permission"), "{err}");
+}
+
+#[test]
+fn sign_makes_tokens_that_verify_against_the_stored_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(&data);
+    let r = start(cmd);
+    let token = r.token.clone().expect("token");
+    let space = create(&r, &token, "/video/v1/spaces")["id"].as_str().expect("id").to_string();
+    let key = create(&r, &token, "/system/v1/signing-keys");
+    let kid = key["id"].as_str().expect("kid");
+    let private = key["private_key"].as_str().expect("private key");
+
+    let verify = |jwt: &str| -> Value {
+        let out = run_ok(spacegate(dir.path()).args(["verify", jwt.trim(), "--data-dir"]).arg(&data));
+        serde_json::from_str(out.trim()).expect("json")
+    };
+
+    // Flags, with a participant and a role.
+    let jwt = run_ok(spacegate(dir.path()).args([
+        "sign", &space, "--key-id", kid, "--private-key", private,
+        "--role", "subscriber", "--participant-id", "bob", "--expires-in", "1h",
+    ]));
+    let claims = verify(&jwt);
+    assert_eq!(claims["space_id"], space.as_str());
+    assert_eq!(claims["key_id"], kid);
+    assert_eq!(claims["role"], "subscriber");
+    assert_eq!(claims["participant_id"], "bob");
+    let exp = claims["expires_at"].as_i64().expect("exp");
+    let now = spacegate_server::now_secs();
+    assert!((exp - now - 3600).abs() < 60, "expires in an hour");
+
+    // The header carries kid too, for verifiers that only look there.
+    let header = jwt.trim().split('.').next().expect("header");
+    let header: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header).expect("b64"),
+    )
+    .expect("json");
+    assert_eq!(header, json!({"alg": "RS256", "typ": "JWT", "kid": kid}));
+
+    // Environment variables, as `mux spaces:sign` read them; a PEM file via @.
+    let jwt = run_ok(
+        spacegate(dir.path())
+            .args(["sign", &space])
+            .env("MUX_SIGNING_KEY", kid)
+            .env("MUX_PRIVATE_KEY", private),
+    );
+    let claims = verify(&jwt);
+    assert_eq!(claims["role"], "publisher");
+    assert_eq!(claims["participant_id"], Value::Null);
+    let pem = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, private).expect("b64");
+    let pem_file = dir.path().join("key.pem");
+    std::fs::write(&pem_file, pem).expect("write pem");
+    let jwt = run_ok(spacegate(dir.path()).args(["sign", &space, "--key-id", kid]).arg(format!("--private-key=@{}", pem_file.display())));
+    verify(&jwt);
+
+    // Bad input: clear errors, no token.
+    let err = run_err(spacegate(dir.path()).args(["sign", &space, "--key-id", kid, "--private-key", private, "--role", "admin"]));
+    assert!(err.contains("role"), "{err}");
+    let err = run_err(spacegate(dir.path()).args(["sign", &space, "--key-id", kid, "--private-key", private, "--expires-in", "3600"]));
+    assert!(err.contains("unit"), "{err}");
+    let err = run_err(spacegate(dir.path()).args(["sign", &space, "--key-id", kid, "--private-key", "not a key"]));
+    assert!(err.contains("--private-key"), "{err}");
+
+    // Once the key is deleted, verify refuses the token.
+    let res = http()
+        .delete(format!("{}/system/v1/signing-keys/{kid}", r.url))
+        .basic_auth(&token.0, Some(&token.1))
+        .send()
+        .expect("delete");
+    assert_eq!(res.status(), 204);
+    let err = run_err(spacegate(dir.path()).args(["verify", jwt.trim(), "--data-dir"]).arg(&data));
+    assert!(err.contains("unknown or deleted"), "{err}");
+}
