@@ -89,7 +89,8 @@ pub fn decode(token: &str) -> Result<UnverifiedToken<'_>, AuthError> {
         });
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(AuthError::NotCompact);
     };

@@ -132,4 +132,3 @@ impl std::fmt::Debug for PrivateKey {
         f.write_str("PrivateKey(<redacted>)")
     }
 }
-

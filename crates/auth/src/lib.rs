@@ -17,6 +17,7 @@ pub mod pem;
 
 pub use error::AuthError;
 pub use jwt::{
-    decode, sign, sign_raw, JoinClaims, SignOptions, UnverifiedToken, VerifyOptions, MAX_TOKEN_BYTES,
+    JoinClaims, MAX_TOKEN_BYTES, SignOptions, UnverifiedToken, VerifyOptions, decode, sign,
+    sign_raw,
 };
 pub use keys::{KeyError, PrivateKey, PublicKey};

@@ -132,10 +132,7 @@ mod tests {
     #[test]
     fn ids_validate_length_and_characters() {
         assert!(SpaceId::new("Sp4ce-01_x").is_ok());
-        assert_eq!(
-            SpaceId::new(""),
-            Err(IdError::Empty { kind: "space id" })
-        );
+        assert_eq!(SpaceId::new(""), Err(IdError::Empty { kind: "space id" }));
         assert!(matches!(
             SpaceId::new("a".repeat(256)),
             Err(IdError::TooLong { max: 255, .. })

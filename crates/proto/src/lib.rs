@@ -9,8 +9,8 @@
 mod ids;
 
 pub use ids::{
-    AccessTokenId, ConnectionId, EnvironmentId, IdError, KeyId, ParticipantId, SessionId,
-    SpaceId, MAX_ID_LEN,
+    AccessTokenId, ConnectionId, EnvironmentId, IdError, KeyId, MAX_ID_LEN, ParticipantId,
+    SessionId, SpaceId,
 };
 
 use serde::{Deserialize, Serialize};

@@ -73,7 +73,9 @@ impl Config {
     pub fn resolve(file: FileConfig, over: Overrides) -> Config {
         Config {
             listen: over.listen.or(file.listen).unwrap_or_else(|| {
-                DEFAULT_LISTEN.parse().expect("default listen address is valid")
+                DEFAULT_LISTEN
+                    .parse()
+                    .expect("default listen address is valid")
             }),
             data_dir: over
                 .data_dir
@@ -107,8 +109,8 @@ mod tests {
 
     #[test]
     fn flags_beat_file_beats_default() {
-        let file = FileConfig::parse("listen = \"127.0.0.1:9000\"\ndata_dir = \"/f\"")
-            .expect("valid");
+        let file =
+            FileConfig::parse("listen = \"127.0.0.1:9000\"\ndata_dir = \"/f\"").expect("valid");
         let over = Overrides {
             data_dir: Some("/flag".into()),
             ..Default::default()
@@ -119,6 +121,9 @@ mod tests {
         assert_eq!(c.environment, DEFAULT_ENVIRONMENT);
         let d = Config::resolve(FileConfig::default(), Overrides::default());
         assert_eq!(d.listen.to_string(), DEFAULT_LISTEN);
-        assert!(d.listen.ip().is_loopback(), "default listens on loopback only");
+        assert!(
+            d.listen.ip().is_loopback(),
+            "default listens on loopback only"
+        );
     }
 }

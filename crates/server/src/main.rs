@@ -14,7 +14,11 @@ use spacegate_server::{AppState, keys::KeyCache, now_secs, tokens};
 use spacegate_store::{Permissions, SqliteStore, Store};
 
 #[derive(Debug, Parser)]
-#[command(name = "spacegate", version, about = "Self-hosted, Mux-compatible real-time video gateway")]
+#[command(
+    name = "spacegate",
+    version,
+    about = "Self-hosted, Mux-compatible real-time video gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -318,7 +322,9 @@ fn sign(args: SignArgs) -> Result<()> {
     let options = SignOptions {
         key_id: KeyId::new(args.key_id).context("--key-id")?,
         space_id: SpaceId::new(args.space_id).context("SPACE_ID")?,
-        expires_at: u64::try_from(now_secs()).unwrap_or(0).saturating_add(lifetime),
+        expires_at: u64::try_from(now_secs())
+            .unwrap_or(0)
+            .saturating_add(lifetime),
         role,
         participant_id: args
             .participant_id

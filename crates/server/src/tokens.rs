@@ -107,6 +107,9 @@ mod tests {
         assert!(secret_matches("s3cret", &stored));
         assert!(!secret_matches("s3cres", &stored));
         assert!(!secret_matches("", &stored));
-        assert_eq!(format!("{:?}", Secret("s3cret".into())), "Secret(<redacted>)");
+        assert_eq!(
+            format!("{:?}", Secret("s3cret".into())),
+            "Secret(<redacted>)"
+        );
     }
 }

@@ -38,12 +38,18 @@ fn spacegate(dir: &Path) -> Command {
 
 /// Starts `cmd` and reads its stdout up to the "listening on" line.
 fn start(mut cmd: Command) -> Running {
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn spacegate");
-    let stdout = child.stdout.take().expect("stdout");
+    // Owned by `Running` from here on, so a failed wait below still kills it.
+    let mut running = Running {
+        child,
+        url: String::new(),
+        token: None,
+    };
+    let stdout = running.child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -63,11 +69,9 @@ fn start(mut cmd: Command) -> Running {
         } else if let Some(v) = line.trim().strip_prefix("MUX_TOKEN_SECRET=") {
             secret = Some(v.to_string());
         } else if let Some(url) = line.strip_prefix("spacegate: listening on ") {
-            return Running {
-                child,
-                url: url.trim().to_string(),
-                token: id.zip(secret),
-            };
+            running.url = url.trim().to_string();
+            running.token = id.zip(secret);
+            return running;
         }
     }
 }
@@ -120,16 +124,26 @@ fn first_start_creates_a_token_once_and_data_persists() {
     let mut cmd = spacegate(dir.path());
     cmd.env("SPACEGATE_LISTEN", "127.0.0.1:0");
     let r = start(cmd);
-    assert!(r.url.starts_with("http://127.0.0.1:"), "loopback: {}", r.url);
+    assert!(
+        r.url.starts_with("http://127.0.0.1:"),
+        "loopback: {}",
+        r.url
+    );
     let token = r.token.clone().expect("first start prints a token");
     let space = create(&r, &token, "/video/v1/spaces");
-    assert!(dir.path().join("spacegate-data/spacegate.db").exists(), "default data dir");
+    assert!(
+        dir.path().join("spacegate-data/spacegate.db").exists(),
+        "default data dir"
+    );
     drop(r);
 
     let mut cmd = spacegate(dir.path());
     cmd.env("SPACEGATE_LISTEN", "127.0.0.1:0");
     let r = start(cmd);
-    assert!(r.token.is_none(), "the token is printed on the first start only");
+    assert!(
+        r.token.is_none(),
+        "the token is printed on the first start only"
+    );
     let id = space["id"].as_str().expect("id");
     assert_eq!(status(&r, &token, &format!("/video/v1/spaces/{id}")), 200);
 }
@@ -138,8 +152,11 @@ fn first_start_creates_a_token_once_and_data_persists() {
 fn config_file_flags_and_env_set_the_same_things() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("spacegate.toml");
-    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\ndata_dir = \"from-file\"\nenvironment = \"prod\"\n")
-        .expect("write config");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"from-file\"\nenvironment = \"prod\"\n",
+    )
+    .expect("write config");
     let mut cmd = spacegate(dir.path());
     cmd.args(["serve", "--config"]).arg(&cfg);
     let r = start(cmd);
@@ -171,7 +188,10 @@ fn sigterm_shuts_down_gracefully() {
     cmd.args(["--listen", "127.0.0.1:0"]);
     let mut r = start(cmd);
     let pid = r.child.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(killed.success());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -179,7 +199,10 @@ fn sigterm_shuts_down_gracefully() {
             assert!(status.success(), "graceful exit, got {status}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "did not stop on SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -192,7 +215,12 @@ fn acknowledged_writes_survive_kill_9() {
     let mut r = start(cmd);
     let token = r.token.clone().expect("token");
     let ids: Vec<String> = (0..20)
-        .map(|_| create(&r, &token, "/video/v1/spaces")["id"].as_str().expect("id").to_string())
+        .map(|_| {
+            create(&r, &token, "/video/v1/spaces")["id"]
+                .as_str()
+                .expect("id")
+                .to_string()
+        })
         .collect();
     let key = create(&r, &token, "/system/v1/signing-keys");
     // SIGKILL right after the last acknowledgement: no shutdown path runs.
@@ -203,10 +231,17 @@ fn acknowledged_writes_survive_kill_9() {
     cmd.args(["--listen", "127.0.0.1:0"]);
     let r = start(cmd);
     for id in &ids {
-        assert_eq!(status(&r, &token, &format!("/video/v1/spaces/{id}")), 200, "space {id} lost");
+        assert_eq!(
+            status(&r, &token, &format!("/video/v1/spaces/{id}")),
+            200,
+            "space {id} lost"
+        );
     }
     let kid = key["id"].as_str().expect("kid");
-    assert_eq!(status(&r, &token, &format!("/system/v1/signing-keys/{kid}")), 200);
+    assert_eq!(
+        status(&r, &token, &format!("/system/v1/signing-keys/{kid}")),
+        200
+    );
 }
 
 #[test]
@@ -217,7 +252,13 @@ fn tokens_commands_work_while_the_server_is_stopped() {
         spacegate(dir.path())
             .args(["tokens", "create", "--data-dir"])
             .arg(&data)
-            .args(["--environment", "staging", "--permissions", "read", "--json"]),
+            .args([
+                "--environment",
+                "staging",
+                "--permissions",
+                "read",
+                "--json",
+            ]),
     );
     let created: Value = serde_json::from_str(out.trim()).expect("json");
     assert_eq!(created["environment"], "staging");
@@ -228,25 +269,37 @@ fn tokens_commands_work_while_the_server_is_stopped() {
     );
 
     let listed: Value = serde_json::from_str(
-        run_ok(spacegate(dir.path()).args(["tokens", "list", "--json", "--data-dir"]).arg(&data)).trim(),
+        run_ok(
+            spacegate(dir.path())
+                .args(["tokens", "list", "--json", "--data-dir"])
+                .arg(&data),
+        )
+        .trim(),
     )
     .expect("json");
     let listed = listed.as_array().expect("array");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], created["id"]);
-    assert!(listed[0].get("secret").is_none(), "secrets are never listed");
+    assert!(
+        listed[0].get("secret").is_none(),
+        "secrets are never listed"
+    );
 
     // The database holds only a hash of the secret.
     let db = std::fs::read(data.join("spacegate.db")).expect("db");
     let wal = std::fs::read(data.join("spacegate.db-wal")).unwrap_or_default();
     let needle = ro.1.as_bytes();
     for bytes in [&db, &wal] {
-        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "secret stored in clear");
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "secret stored in clear"
+        );
     }
 
     // A store that has a token gets no bootstrap token; the CLI token works.
     let mut cmd = spacegate(dir.path());
-    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(&data);
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data);
     let r = start(cmd);
     assert!(r.token.is_none());
     assert_eq!(status(&r, &ro, "/video/v1/spaces"), 200);
@@ -258,10 +311,18 @@ fn tokens_commands_work_while_the_server_is_stopped() {
     assert_eq!(res.status(), 403, "read-only");
 
     // Revoking while the server runs takes effect on the next request.
-    let out = run_ok(spacegate(dir.path()).args(["tokens", "revoke", &ro.0, "--data-dir"]).arg(&data));
+    let out = run_ok(
+        spacegate(dir.path())
+            .args(["tokens", "revoke", &ro.0, "--data-dir"])
+            .arg(&data),
+    );
     assert!(out.contains("revoked"));
     assert_eq!(status(&r, &ro, "/video/v1/spaces"), 401);
-    let err = run_err(spacegate(dir.path()).args(["tokens", "revoke", &ro.0, "--data-dir"]).arg(&data));
+    let err = run_err(
+        spacegate(dir.path())
+            .args(["tokens", "revoke", &ro.0, "--data-dir"])
+            .arg(&data),
+    );
     assert!(err.contains("no access token"), "{err}");
 
     let err = run_err(
@@ -277,23 +338,41 @@ fn sign_makes_tokens_that_verify_against_the_stored_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let mut cmd = spacegate(dir.path());
-    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(&data);
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data);
     let r = start(cmd);
     let token = r.token.clone().expect("token");
-    let space = create(&r, &token, "/video/v1/spaces")["id"].as_str().expect("id").to_string();
+    let space = create(&r, &token, "/video/v1/spaces")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     let key = create(&r, &token, "/system/v1/signing-keys");
     let kid = key["id"].as_str().expect("kid");
     let private = key["private_key"].as_str().expect("private key");
 
     let verify = |jwt: &str| -> Value {
-        let out = run_ok(spacegate(dir.path()).args(["verify", jwt.trim(), "--data-dir"]).arg(&data));
+        let out = run_ok(
+            spacegate(dir.path())
+                .args(["verify", jwt.trim(), "--data-dir"])
+                .arg(&data),
+        );
         serde_json::from_str(out.trim()).expect("json")
     };
 
     // Flags, with a participant and a role.
     let jwt = run_ok(spacegate(dir.path()).args([
-        "sign", &space, "--key-id", kid, "--private-key", private,
-        "--role", "subscriber", "--participant-id", "bob", "--expires-in", "1h",
+        "sign",
+        &space,
+        "--key-id",
+        kid,
+        "--private-key",
+        private,
+        "--role",
+        "subscriber",
+        "--participant-id",
+        "bob",
+        "--expires-in",
+        "1h",
     ]));
     let claims = verify(&jwt);
     assert_eq!(claims["space_id"], space.as_str());
@@ -307,7 +386,8 @@ fn sign_makes_tokens_that_verify_against_the_stored_key() {
     // The header carries kid too, for verifiers that only look there.
     let header = jwt.trim().split('.').next().expect("header");
     let header: Value = serde_json::from_slice(
-        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header).expect("b64"),
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header)
+            .expect("b64"),
     )
     .expect("json");
     assert_eq!(header, json!({"alg": "RS256", "typ": "JWT", "kid": kid}));
@@ -322,18 +402,48 @@ fn sign_makes_tokens_that_verify_against_the_stored_key() {
     let claims = verify(&jwt);
     assert_eq!(claims["role"], "publisher");
     assert_eq!(claims["participant_id"], Value::Null);
-    let pem = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, private).expect("b64");
+    let pem =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, private).expect("b64");
     let pem_file = dir.path().join("key.pem");
     std::fs::write(&pem_file, pem).expect("write pem");
-    let jwt = run_ok(spacegate(dir.path()).args(["sign", &space, "--key-id", kid]).arg(format!("--private-key=@{}", pem_file.display())));
+    let jwt = run_ok(
+        spacegate(dir.path())
+            .args(["sign", &space, "--key-id", kid])
+            .arg(format!("--private-key=@{}", pem_file.display())),
+    );
     verify(&jwt);
 
     // Bad input: clear errors, no token.
-    let err = run_err(spacegate(dir.path()).args(["sign", &space, "--key-id", kid, "--private-key", private, "--role", "admin"]));
+    let err = run_err(spacegate(dir.path()).args([
+        "sign",
+        &space,
+        "--key-id",
+        kid,
+        "--private-key",
+        private,
+        "--role",
+        "admin",
+    ]));
     assert!(err.contains("role"), "{err}");
-    let err = run_err(spacegate(dir.path()).args(["sign", &space, "--key-id", kid, "--private-key", private, "--expires-in", "3600"]));
+    let err = run_err(spacegate(dir.path()).args([
+        "sign",
+        &space,
+        "--key-id",
+        kid,
+        "--private-key",
+        private,
+        "--expires-in",
+        "3600",
+    ]));
     assert!(err.contains("unit"), "{err}");
-    let err = run_err(spacegate(dir.path()).args(["sign", &space, "--key-id", kid, "--private-key", "not a key"]));
+    let err = run_err(spacegate(dir.path()).args([
+        "sign",
+        &space,
+        "--key-id",
+        kid,
+        "--private-key",
+        "not a key",
+    ]));
     assert!(err.contains("--private-key"), "{err}");
 
     // Once the key is deleted, verify refuses the token.
@@ -343,6 +453,10 @@ fn sign_makes_tokens_that_verify_against_the_stored_key() {
         .send()
         .expect("delete");
     assert_eq!(res.status(), 204);
-    let err = run_err(spacegate(dir.path()).args(["verify", jwt.trim(), "--data-dir"]).arg(&data));
+    let err = run_err(
+        spacegate(dir.path())
+            .args(["verify", jwt.trim(), "--data-dir"])
+            .arg(&data),
+    );
     assert!(err.contains("unknown or deleted"), "{err}");
 }

@@ -13,7 +13,9 @@ fn id<T: std::str::FromStr>(prefix: &str, name: &str) -> T
 where
     T::Err: std::fmt::Debug,
 {
-    format!("{prefix}{name}").parse().expect("suite ids are valid")
+    format!("{prefix}{name}")
+        .parse()
+        .expect("suite ids are valid")
 }
 
 /// Runs every check of the suite against `store`.
@@ -27,7 +29,11 @@ pub async fn run_all(store: &dyn Store, prefix: &str) {
 
 async fn env(store: &dyn Store, prefix: &str, name: &str) -> Environment {
     store
-        .ensure_environment(&id(prefix, &format!("env-{name}")), &format!("{prefix}{name}"), 100)
+        .ensure_environment(
+            &id(prefix, &format!("env-{name}")),
+            &format!("{prefix}{name}"),
+            100,
+        )
         .await
         .expect("ensure environment")
 }
@@ -58,7 +64,10 @@ pub async fn access_tokens(store: &dyn Store, prefix: &str) {
         created_at: 1_700_000_000,
     };
     store.insert_access_token(&tok).await.expect("insert token");
-    assert_eq!(store.access_token(&tok.id).await.expect("get"), Some(tok.clone()));
+    assert_eq!(
+        store.access_token(&tok.id).await.expect("get"),
+        Some(tok.clone())
+    );
     assert!(matches!(
         store.insert_access_token(&tok).await,
         Err(StoreError::Conflict(_))
@@ -66,10 +75,21 @@ pub async fn access_tokens(store: &dyn Store, prefix: &str) {
     let listed = store.list_access_tokens().await.expect("list");
     assert!(listed.contains(&tok));
     let missing: AccessTokenId = id(prefix, "nope");
-    assert_eq!(store.access_token(&missing).await.expect("get missing"), None);
+    assert_eq!(
+        store.access_token(&missing).await.expect("get missing"),
+        None
+    );
     assert!(store.revoke_access_token(&tok.id).await.expect("revoke"));
-    assert!(!store.revoke_access_token(&tok.id).await.expect("revoke twice"));
-    assert_eq!(store.access_token(&tok.id).await.expect("get revoked"), None);
+    assert!(
+        !store
+            .revoke_access_token(&tok.id)
+            .await
+            .expect("revoke twice")
+    );
+    assert_eq!(
+        store.access_token(&tok.id).await.expect("get revoked"),
+        None
+    );
 }
 
 pub async fn signing_keys(store: &dyn Store, prefix: &str) {
@@ -87,10 +107,19 @@ pub async fn signing_keys(store: &dyn Store, prefix: &str) {
         keys.push(k);
     }
     let k0 = &keys[0];
-    assert_eq!(store.signing_key(&a.id, &k0.id).await.expect("get"), Some(k0.clone()));
-    assert_eq!(store.signing_key(&b.id, &k0.id).await.expect("other env"), None);
     assert_eq!(
-        store.signing_key_any_environment(&k0.id).await.expect("any env"),
+        store.signing_key(&a.id, &k0.id).await.expect("get"),
+        Some(k0.clone())
+    );
+    assert_eq!(
+        store.signing_key(&b.id, &k0.id).await.expect("other env"),
+        None
+    );
+    assert_eq!(
+        store
+            .signing_key_any_environment(&k0.id)
+            .await
+            .expect("any env"),
         Some(k0.clone())
     );
     assert!(matches!(
@@ -99,18 +128,54 @@ pub async fn signing_keys(store: &dyn Store, prefix: &str) {
     ));
 
     let page = |limit, page| Page { limit, page };
-    let p1 = store.list_signing_keys(&a.id, page(2, 1)).await.expect("p1");
-    let p3 = store.list_signing_keys(&a.id, page(2, 3)).await.expect("p3");
-    let p4 = store.list_signing_keys(&a.id, page(2, 4)).await.expect("p4");
+    let p1 = store
+        .list_signing_keys(&a.id, page(2, 1))
+        .await
+        .expect("p1");
+    let p3 = store
+        .list_signing_keys(&a.id, page(2, 3))
+        .await
+        .expect("p3");
+    let p4 = store
+        .list_signing_keys(&a.id, page(2, 4))
+        .await
+        .expect("p4");
     assert_eq!(p1, keys[0..2].to_vec(), "pages are in creation order");
     assert_eq!(p3, keys[4..5].to_vec());
     assert!(p4.is_empty(), "past the end is empty, not an error");
-    assert!(store.list_signing_keys(&b.id, page(10, 1)).await.expect("b").is_empty());
+    assert!(
+        store
+            .list_signing_keys(&b.id, page(10, 1))
+            .await
+            .expect("b")
+            .is_empty()
+    );
 
-    assert!(!store.delete_signing_key(&b.id, &k0.id).await.expect("delete from other env"));
-    assert!(store.delete_signing_key(&a.id, &k0.id).await.expect("delete"));
-    assert_eq!(store.signing_key_any_environment(&k0.id).await.expect("gone"), None);
-    assert!(!store.delete_signing_key(&a.id, &k0.id).await.expect("delete twice"));
+    assert!(
+        !store
+            .delete_signing_key(&b.id, &k0.id)
+            .await
+            .expect("delete from other env")
+    );
+    assert!(
+        store
+            .delete_signing_key(&a.id, &k0.id)
+            .await
+            .expect("delete")
+    );
+    assert_eq!(
+        store
+            .signing_key_any_environment(&k0.id)
+            .await
+            .expect("gone"),
+        None
+    );
+    assert!(
+        !store
+            .delete_signing_key(&a.id, &k0.id)
+            .await
+            .expect("delete twice")
+    );
 }
 
 fn space(prefix: &str, name: &str, env: &EnvironmentId, at: i64) -> SpaceRecord {
@@ -139,8 +204,14 @@ pub async fn spaces(store: &dyn Store, prefix: &str) {
     };
     store.insert_space(&plain).await.expect("insert plain");
     all.push(plain.clone());
-    assert_eq!(store.space(&a.id, &plain.id).await.expect("get"), Some(plain.clone()));
-    assert_eq!(store.space(&b.id, &plain.id).await.expect("other env"), None);
+    assert_eq!(
+        store.space(&a.id, &plain.id).await.expect("get"),
+        Some(plain.clone())
+    );
+    assert_eq!(
+        store.space(&b.id, &plain.id).await.expect("other env"),
+        None
+    );
     assert!(matches!(
         store.insert_space(&plain).await,
         Err(StoreError::Conflict(_))
@@ -149,20 +220,33 @@ pub async fn spaces(store: &dyn Store, prefix: &str) {
         .list_spaces(&a.id, Page { limit: 3, page: 1 })
         .await
         .expect("list");
-    assert_eq!(listed, all[0..3].to_vec(), "creation order, not created_at order");
+    assert_eq!(
+        listed,
+        all[0..3].to_vec(),
+        "creation order, not created_at order"
+    );
     let second = store
         .list_spaces(&a.id, Page { limit: 3, page: 2 })
         .await
         .expect("list 2");
     assert_eq!(second, vec![plain.clone()]);
     let past = store
-        .list_spaces(&a.id, Page { limit: 3, page: 1000 })
+        .list_spaces(
+            &a.id,
+            Page {
+                limit: 3,
+                page: 1000,
+            },
+        )
         .await
         .expect("past end");
     assert!(past.is_empty());
 
     assert_eq!(
-        store.delete_space(&b.id, &plain.id).await.expect("delete other env"),
+        store
+            .delete_space(&b.id, &plain.id)
+            .await
+            .expect("delete other env"),
         DeleteSpaceOutcome::NotFound
     );
     assert_eq!(
@@ -170,10 +254,16 @@ pub async fn spaces(store: &dyn Store, prefix: &str) {
         DeleteSpaceOutcome::Deleted
     );
     assert_eq!(
-        store.delete_space(&a.id, &plain.id).await.expect("delete twice"),
+        store
+            .delete_space(&a.id, &plain.id)
+            .await
+            .expect("delete twice"),
         DeleteSpaceOutcome::NotFound
     );
-    assert_eq!(store.space_any_environment(&plain.id).await.expect("gone"), None);
+    assert_eq!(
+        store.space_any_environment(&plain.id).await.expect("gone"),
+        None
+    );
 }
 
 pub async fn space_activity(store: &dyn Store, prefix: &str) {
@@ -185,28 +275,66 @@ pub async fn space_activity(store: &dyn Store, prefix: &str) {
 
     assert!(store.mark_space_active(&s.id, &s1).await.expect("activate"));
     assert!(
-        !store.mark_space_active(&s.id, &s2).await.expect("activate twice"),
+        !store
+            .mark_space_active(&s.id, &s2)
+            .await
+            .expect("activate twice"),
         "an active space keeps its session"
     );
-    let got = store.space(&a.id, &s.id).await.expect("get").expect("exists");
+    let got = store
+        .space(&a.id, &s.id)
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(got.status, SpaceStatus::Active);
     assert_eq!(got.active_session_id, Some(s1.clone()));
     assert_eq!(
-        store.delete_space(&a.id, &s.id).await.expect("delete active"),
+        store
+            .delete_space(&a.id, &s.id)
+            .await
+            .expect("delete active"),
         DeleteSpaceOutcome::Active
     );
-    assert!(store.space(&a.id, &s.id).await.expect("still there").is_some());
+    assert!(
+        store
+            .space(&a.id, &s.id)
+            .await
+            .expect("still there")
+            .is_some()
+    );
 
     assert!(store.mark_space_idle(&s.id).await.expect("idle"));
     assert!(!store.mark_space_idle(&s.id).await.expect("idle twice"));
-    let got = store.space(&a.id, &s.id).await.expect("get").expect("exists");
+    let got = store
+        .space(&a.id, &s.id)
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(got.status, SpaceStatus::Idle);
     assert_eq!(got.active_session_id, None);
 
-    assert!(store.mark_space_active(&s.id, &s2).await.expect("reactivate"));
-    let got = store.space(&a.id, &s.id).await.expect("get").expect("exists");
-    assert_eq!(got.active_session_id, Some(s2), "a new session per activation");
+    assert!(
+        store
+            .mark_space_active(&s.id, &s2)
+            .await
+            .expect("reactivate")
+    );
+    let got = store
+        .space(&a.id, &s.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(
+        got.active_session_id,
+        Some(s2),
+        "a new session per activation"
+    );
 
     let missing: SpaceId = id(prefix, "missing");
-    assert!(!store.mark_space_active(&missing, &s1).await.expect("missing"));
+    assert!(
+        !store
+            .mark_space_active(&missing, &s1)
+            .await
+            .expect("missing")
+    );
 }

@@ -115,7 +115,10 @@ impl SqliteStore {
             )));
         }
         for (i, step) in MIGRATIONS.iter().enumerate().skip(current) {
-            sqlx::raw_sql(step).execute(&mut *tx).await.map_err(backend)?;
+            sqlx::raw_sql(step)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
             sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
                 .bind(i as i64 + 1)
                 .execute(&mut *tx)
@@ -190,7 +193,8 @@ fn space_from_row(row: &SqliteRow) -> Result<SpaceRecord> {
     })
 }
 
-const SPACE_COLUMNS: &str = "id, environment_id, passthrough, status, active_session_id, created_at";
+const SPACE_COLUMNS: &str =
+    "id, environment_id, passthrough, status, active_session_id, created_at";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -307,14 +311,16 @@ impl Store for SqliteStore {
     }
 
     async fn signing_key_any_environment(&self, id: &KeyId) -> Result<Option<SigningKeyRecord>> {
-        sqlx::query("SELECT id, environment_id, public_key, created_at FROM signing_keys WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?
-            .as_ref()
-            .map(key_from_row)
-            .transpose()
+        sqlx::query(
+            "SELECT id, environment_id, public_key, created_at FROM signing_keys WHERE id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?
+        .as_ref()
+        .map(key_from_row)
+        .transpose()
     }
 
     async fn list_signing_keys(

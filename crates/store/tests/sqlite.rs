@@ -16,12 +16,18 @@ async fn sqlite_keeps_data_across_reopen() {
     let env_id = "env1".parse().expect("id");
     {
         let store = SqliteStore::open_dir(dir.path()).await.expect("open");
-        store.ensure_environment(&env_id, "prod", 1).await.expect("env");
+        store
+            .ensure_environment(&env_id, "prod", 1)
+            .await
+            .expect("env");
     }
     let store = SqliteStore::open_dir(dir.path()).await.expect("reopen");
     let env = store
         .ensure_environment(&"env2".parse().expect("id"), "prod", 2)
         .await
         .expect("env");
-    assert_eq!(env.id, env_id, "the environment from the first open is still there");
+    assert_eq!(
+        env.id, env_id,
+        "the environment from the first open is still there"
+    );
 }

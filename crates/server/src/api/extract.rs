@@ -48,7 +48,9 @@ where
 pub const MAX_LIMIT: u32 = 100;
 
 /// `limit` and `page` from the query string; other parameters are ignored.
-pub fn page(query: Result<Query<HashMap<String, String>>, QueryRejection>) -> Result<Page, ApiError> {
+pub fn page(
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Page, ApiError> {
     let Query(params) = query.map_err(|r| ApiError::InvalidParameters(r.body_text()))?;
     let number = |name: &str, default: u32, min: u32, max: u32| -> Result<u32, ApiError> {
         match params.get(name) {

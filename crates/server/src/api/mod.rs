@@ -24,7 +24,11 @@ use error::ApiError;
 /// before it is buffered.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-fn route(router: Router<AppState>, path: &str, methods: MethodRouter<AppState>) -> Router<AppState> {
+fn route(
+    router: Router<AppState>,
+    path: &str,
+    methods: MethodRouter<AppState>,
+) -> Router<AppState> {
     // mux-elixir requests `/video/v1/signing-keys/`; accept the slash everywhere.
     router
         .route(path, methods.clone())
@@ -37,9 +41,21 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi::serve));
-    r = route(r, "/video/v1/spaces", post(spaces::create).get(spaces::list));
-    r = route(r, "/video/v1/spaces/{space_id}", get(spaces::retrieve).delete(spaces::delete));
-    r = route(r, "/video/v1/spaces/{space_id}/broadcasts", post(spaces::create_broadcast));
+    r = route(
+        r,
+        "/video/v1/spaces",
+        post(spaces::create).get(spaces::list),
+    );
+    r = route(
+        r,
+        "/video/v1/spaces/{space_id}",
+        get(spaces::retrieve).delete(spaces::delete),
+    );
+    r = route(
+        r,
+        "/video/v1/spaces/{space_id}/broadcasts",
+        post(spaces::create_broadcast),
+    );
     r = route(
         r,
         "/video/v1/spaces/{space_id}/broadcasts/{broadcast_id}",
@@ -57,7 +73,11 @@ pub fn router(state: AppState) -> Router {
     );
     // Signing keys live under two prefixes (mux-node ≤7 and ≥8); one store behind both.
     for prefix in ["/video/v1/signing-keys", "/system/v1/signing-keys"] {
-        r = route(r, prefix, post(signing_keys::create).get(signing_keys::list));
+        r = route(
+            r,
+            prefix,
+            post(signing_keys::create).get(signing_keys::list),
+        );
         r = route(
             r,
             &format!("{prefix}/{{key_id}}"),

@@ -52,7 +52,10 @@ impl Modify for SystemSigningKeys {
             })
             .collect();
         for (path, mut item) in copies {
-            for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+            for op in [&mut item.get, &mut item.post, &mut item.delete]
+                .into_iter()
+                .flatten()
+            {
                 op.operation_id = op.operation_id.as_ref().map(|id| format!("{id}_system"));
             }
             openapi.paths.paths.insert(path, item);

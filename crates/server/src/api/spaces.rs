@@ -145,7 +145,12 @@ pub async fn create(
         created_at: now_secs(),
     };
     state.store.insert_space(&record).await?;
-    Ok((StatusCode::CREATED, Json(SpaceResponse { data: record.into() })))
+    Ok((
+        StatusCode::CREATED,
+        Json(SpaceResponse {
+            data: record.into(),
+        }),
+    ))
 }
 
 #[utoipa::path(get, path = "/video/v1/spaces", operation_id = "list_spaces", tag = "spaces", params(ListParams),
@@ -159,7 +164,10 @@ pub async fn list(
 ) -> Result<Json<SpaceListResponse>, ApiError> {
     caller.require_read()?;
     let page = page(query)?;
-    let spaces = state.store.list_spaces(&caller.environment_id, page).await?;
+    let spaces = state
+        .store
+        .list_spaces(&caller.environment_id, page)
+        .await?;
     Ok(Json(SpaceListResponse {
         data: spaces.into_iter().map(Space::from).collect(),
     }))
@@ -198,7 +206,11 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     caller.require_write()?;
     let id: SpaceId = path_id(id)?;
-    match state.store.delete_space(&caller.environment_id, &id).await? {
+    match state
+        .store
+        .delete_space(&caller.environment_id, &id)
+        .await?
+    {
         DeleteSpaceOutcome::Deleted => Ok(StatusCode::NO_CONTENT),
         DeleteSpaceOutcome::NotFound => Err(ApiError::NotFound),
         DeleteSpaceOutcome::Active => Err(ApiError::Conflict(

@@ -106,7 +106,9 @@ pub async fn expect_error(res: Response, status: u16, kind: &str) -> String {
     assert_eq!(res.status(), status, "status");
     let body: Value = res.json().await.expect("error body is JSON");
     assert_eq!(body["error"]["type"], kind, "error type in {body}");
-    let messages = body["error"]["messages"].as_array().expect("messages array");
+    let messages = body["error"]["messages"]
+        .as_array()
+        .expect("messages array");
     assert!(!messages.is_empty());
     messages[0].as_str().expect("string message").to_string()
 }
