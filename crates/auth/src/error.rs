@@ -13,6 +13,8 @@ pub enum AuthError {
     BadJson { part: &'static str, reason: String },
     #[error("token algorithm {0:?} is not allowed; only RS256 is")]
     AlgorithmNotAllowed(String),
+    #[error("token header lists critical extensions (crit), which are not supported")]
+    UnsupportedHeader,
     #[error("token header has no alg")]
     MissingAlgorithm,
     #[error("token names no signing key (kid)")]

@@ -106,10 +106,7 @@ pub fn decode(token: &str) -> Result<UnverifiedToken<'_>, AuthError> {
     }
     // RFC 7515 §4.1.11: a header that lists extensions we do not implement must be refused.
     if header.crit.is_some() {
-        return Err(AuthError::BadJson {
-            part: "header",
-            reason: "crit extensions are not supported".into(),
-        });
+        return Err(AuthError::UnsupportedHeader);
     }
     let claims: RawClaims = json("payload", &b64("payload", p)?)?;
     let header_kid = opt_string("kid", &header.kid)?;
@@ -210,6 +207,33 @@ impl<'a> UnverifiedToken<'a> {
     }
 }
 
+/// Where [`verify`] finds public keys: any snapshot of `kid` → key. The server uses its own
+/// async cache with [`decode`] + [`UnverifiedToken::verify`] instead; embedders with keys in
+/// memory use this.
+pub trait KeyLookup {
+    fn public_key(&self, kid: &KeyId) -> Option<&PublicKey>;
+}
+
+impl KeyLookup for std::collections::HashMap<KeyId, PublicKey> {
+    fn public_key(&self, kid: &KeyId) -> Option<&PublicKey> {
+        self.get(kid)
+    }
+}
+
+/// Decodes and verifies `token` in one call, with keys from a snapshot.
+pub fn verify(
+    token: &str,
+    keys: &impl KeyLookup,
+    now: u64,
+    options: &VerifyOptions,
+) -> Result<JoinClaims, AuthError> {
+    let unverified = decode(token)?;
+    let key = keys
+        .public_key(unverified.kid())
+        .ok_or(AuthError::UnknownKey)?;
+    unverified.verify(key, now, options)
+}
+
 /// What `spacegate sign` (and `mux spaces:sign`) put in a token.
 #[derive(Debug, Clone)]
 pub struct SignOptions {
@@ -234,15 +258,15 @@ pub fn sign(key: &PrivateKey, options: &SignOptions) -> Result<String, KeyError>
     if let Some(p) = &options.participant_id {
         claims["participant_id"] = Value::String(p.to_string());
     }
-    sign_raw(key, &header, &claims)
+    sign_raw(key, &header.to_string(), &claims.to_string())
 }
 
-/// Signs arbitrary header and payload JSON with RS256. For tests and tools that need tokens
-/// no well-behaved signer would make.
-pub fn sign_raw(key: &PrivateKey, header: &Value, claims: &Value) -> Result<String, KeyError> {
-    let mut token = URL_SAFE_NO_PAD.encode(header.to_string());
+/// Signs arbitrary header and payload text with RS256. For tests and tools that need tokens
+/// no well-behaved signer would make (duplicate fields, wrong types, non-JSON).
+pub fn sign_raw(key: &PrivateKey, header: &str, claims: &str) -> Result<String, KeyError> {
+    let mut token = URL_SAFE_NO_PAD.encode(header);
     token.push('.');
-    token.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));
+    token.push_str(&URL_SAFE_NO_PAD.encode(claims));
     let sig = key.sign_rs256(token.as_bytes())?;
     token.push('.');
     token.push_str(&URL_SAFE_NO_PAD.encode(sig));

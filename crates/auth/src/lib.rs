@@ -17,7 +17,7 @@ pub mod pem;
 
 pub use error::AuthError;
 pub use jwt::{
-    JoinClaims, MAX_TOKEN_BYTES, SignOptions, UnverifiedToken, VerifyOptions, decode, sign,
-    sign_raw,
+    JoinClaims, KeyLookup, MAX_TOKEN_BYTES, SignOptions, UnverifiedToken, VerifyOptions, decode,
+    sign, sign_raw, verify,
 };
 pub use keys::{KeyError, PrivateKey, PublicKey};
