@@ -3,10 +3,10 @@
 //! This crate owns the types that cross crate boundaries on the join path (REST objects refer
 //! to the same ids the signaling protocol carries). It does no IO, reads no clock and pulls in
 //! no async runtime, so every other crate, including embedders' media servers, can depend on
-//! it for free. The WebSocket message types of `@mux/spaces-web` land here with the join
-//! gateway.
+//! it for free. [`signaling`] holds the WebSocket messages of `@mux/spaces-web` 1.2.0.
 
 mod ids;
+pub mod signaling;
 
 pub use ids::{
     AccessTokenId, ConnectionId, EnvironmentId, IdError, KeyId, MAX_ID_LEN, ParticipantId,
