@@ -1,0 +1,500 @@
+//! The per-space state machine in virtual time: no sockets, no clock.
+
+use std::sync::Arc;
+
+use spacegate_proto::signaling::{
+    ClientMessage, CustomEventRequest, Envelope, PendingTrack, ServerMessage, SfuDescription,
+    TrackKind,
+};
+use spacegate_proto::{ConnectionId, Role, SessionId};
+use spacegate_signaling::{Joiner, Output, Space, SpaceConfig};
+
+fn conn(s: &str) -> ConnectionId {
+    s.parse().expect("conn")
+}
+
+fn joiner(c: &str, p: &str, role: Role) -> Joiner {
+    Joiner {
+        connection_id: conn(c),
+        participant_id: p.parse().expect("pid"),
+        role,
+        display_name: format!("{p}-name"),
+        managed_subscriptions: 16,
+        reconnected: false,
+        sub_sfus: vec![SfuDescription {
+            sfu_id: "sfu-0".into(),
+            sdp: "v=0\r\n".into(),
+        }],
+    }
+}
+
+/// Frames per recipient, decoded, in order; plus non-frame outputs.
+struct Out {
+    frames: Vec<(String, Envelope<ServerMessage>)>,
+    other: Vec<Output>,
+}
+
+fn run(f: impl FnOnce(&mut Vec<Output>)) -> Out {
+    let mut out = Vec::new();
+    f(&mut out);
+    let mut frames = Vec::new();
+    let mut other = Vec::new();
+    for o in out {
+        match o {
+            Output::Send { to, frame } => frames.push((
+                to.to_string(),
+                Envelope::decode_server(&frame).expect("valid frame"),
+            )),
+            o => other.push(o),
+        }
+    }
+    Out { frames, other }
+}
+
+impl Out {
+    fn to(&self, c: &str) -> Vec<&Envelope<ServerMessage>> {
+        self.frames
+            .iter()
+            .filter(|(to, _)| to == c)
+            .map(|(_, e)| e)
+            .collect()
+    }
+}
+
+fn msg(m: ClientMessage, request_id: Option<&str>) -> Envelope<ClientMessage> {
+    Envelope::with_request_id(m, request_id.map(str::to_string))
+}
+
+fn space() -> Space {
+    Space::new(
+        "S1".parse().expect("space"),
+        Arc::new(SpaceConfig::default()),
+    )
+}
+
+fn session(s: &str) -> SessionId {
+    s.parse().expect("session")
+}
+
+#[test]
+fn join_sequencing_and_fan_out() {
+    let mut s = space();
+    let a = run(|o| s.join(joiner("ca", "alice", Role::Publisher), session("s1"), 0, o));
+    assert_eq!(
+        a.other,
+        vec![Output::Activated {
+            session_id: session("s1")
+        }]
+    );
+    let [joined] = a.to("ca")[..] else {
+        panic!("one frame to alice")
+    };
+    let ServerMessage::Joined(j) = &joined.message else {
+        panic!("joined first")
+    };
+    assert_eq!(j.session_id, "s1");
+    assert_eq!(j.connection_id, "ca");
+    assert_eq!(j.participant_id, "alice");
+    assert_eq!(j.display_name, "alice-name");
+    assert!(j.participants.is_empty(), "never the recipient itself");
+    assert_eq!(j.sub_sfus.len(), 1);
+    assert_eq!(j.watchrtc_token, "");
+    assert!(!j.broadcasting);
+    assert_eq!(j.limits.custom_events_per_second, 10);
+
+    let b = run(|o| {
+        s.join(
+            joiner("cb", "bob", Role::Subscriber),
+            session("ignored"),
+            5,
+            o,
+        )
+    });
+    assert!(b.other.is_empty(), "already active");
+    let ServerMessage::Joined(j) = &b.to("cb")[0].message else {
+        panic!("joined")
+    };
+    assert_eq!(j.session_id, "s1", "one session per active period");
+    assert_eq!(j.participants.len(), 1);
+    assert_eq!(j.participants[0].connection_id, "ca");
+    assert_eq!(j.participants[0].tracks, vec![]);
+    // Bob's joined comes before alice hears of bob.
+    assert_eq!(b.frames[0].0, "cb");
+    let ServerMessage::ParticipantConnected(p) = &b.to("ca")[0].message else {
+        panic!("connected")
+    };
+    assert_eq!(
+        (p.connection_id.as_str(), p.participant_id.as_str()),
+        ("cb", "bob")
+    );
+    assert_eq!(
+        p.role,
+        spacegate_proto::signaling::ParticipantRole::Subscriber
+    );
+    assert!(p.tracks.is_empty());
+
+    let c = run(|o| {
+        s.join(
+            Joiner {
+                reconnected: true,
+                ..joiner("cc", "carol", Role::Publisher)
+            },
+            session("x"),
+            9,
+            o,
+        )
+    });
+    let ServerMessage::ParticipantConnected(p) = &c.to("cb")[0].message else {
+        panic!("connected")
+    };
+    assert_eq!(
+        p.status,
+        spacegate_proto::signaling::ParticipantStatus::Reconnected
+    );
+    let ServerMessage::Joined(j) = &c.to("cc")[0].message else {
+        panic!("joined")
+    };
+    let order: Vec<_> = j
+        .participants
+        .iter()
+        .map(|p| p.connection_id.as_str())
+        .collect();
+    assert_eq!(order, ["ca", "cb"], "join order");
+}
+
+#[test]
+fn leaving_fans_out_and_idles_the_space() {
+    let mut s = space();
+    run(|o| s.join(joiner("ca", "alice", Role::Publisher), session("s1"), 0, o));
+    run(|o| s.join(joiner("cb", "bob", Role::Publisher), session("s2"), 0, o));
+    let out = run(|o| s.leave(&conn("cb"), o));
+    let ServerMessage::ParticipantDisconnected(d) = &out.to("ca")[0].message else {
+        panic!("disconnected")
+    };
+    assert_eq!(d.connection_id, "cb");
+    assert!(out.to("cb").is_empty());
+    assert!(out.other.is_empty());
+    assert!(
+        run(|o| s.leave(&conn("cb"), o)).frames.is_empty(),
+        "double leave is harmless"
+    );
+    let out = run(|o| s.leave(&conn("ca"), o));
+    assert_eq!(out.other, vec![Output::Idle]);
+    assert!(s.is_empty());
+    let again = run(|o| s.join(joiner("cd", "alice", Role::Publisher), session("s3"), 0, o));
+    assert_eq!(
+        again.other,
+        vec![Output::Activated {
+            session_id: session("s3")
+        }],
+        "new session"
+    );
+}
+
+#[test]
+fn display_names_are_validated_echoed_and_rate_limited() {
+    let mut s = space();
+    run(|o| s.join(joiner("ca", "alice", Role::Subscriber), session("s1"), 0, o));
+    run(|o| s.join(joiner("cb", "bob", Role::Publisher), session("s1"), 0, o));
+    let set = |name: &str| msg(ClientMessage::SetDisplayName(name.into()), Some("r1"));
+
+    let out = run(|o| s.handle(&conn("ca"), set("Alice 2"), 1_000, o));
+    let mine = out.to("ca");
+    assert_eq!(
+        mine[0].request_id.as_deref(),
+        Some("r1"),
+        "author's copy carries request_id"
+    );
+    let ServerMessage::ParticipantUpdate(u) = &mine[0].message else {
+        panic!("update")
+    };
+    assert_eq!(
+        (u.connection_id.as_str(), u.display_name.as_str()),
+        ("ca", "Alice 2")
+    );
+    let theirs = out.to("cb");
+    assert_eq!(theirs[0].request_id, None);
+    assert!(matches!(
+        theirs[0].message,
+        ServerMessage::ParticipantUpdate(_)
+    ));
+
+    let error_of = |out: &Out| -> (u8, Option<String>, bool) {
+        let ServerMessage::Error(e) = &out.to("ca")[0].message else {
+            panic!("error")
+        };
+        (
+            e.kind,
+            e.request_error.as_ref().map(|r| r.correlator.clone()),
+            e.fatal,
+        )
+    };
+    // Within a second of the last change: rate limited (8), correlated, not fatal.
+    let out = run(|o| s.handle(&conn("ca"), set("Alice 3"), 1_999, o));
+    assert_eq!(error_of(&out), (8, Some("r1".into()), false));
+    assert!(out.to("cb").is_empty(), "nothing reaches the others");
+    // Invalid names (7): empty, 65 UTF-16 units, control characters.
+    for bad in ["", &"x".repeat(65), &"\u{1F600}".repeat(33), "a\nb"] {
+        let out = run(|o| s.handle(&conn("ca"), set(bad), 10_000, o));
+        assert_eq!(error_of(&out), (7, Some("r1".into()), false), "{bad:?}");
+    }
+    // 64 units is fine (32 emoji are 64 UTF-16 units), and a second later is allowed.
+    let out = run(|o| s.handle(&conn("ca"), set(&"\u{1F600}".repeat(32)), 10_000, o));
+    assert!(matches!(
+        out.to("ca")[0].message,
+        ServerMessage::ParticipantUpdate(_)
+    ));
+    let carol = run(|o| {
+        s.join(
+            joiner("cc", "carol", Role::Publisher),
+            session("s"),
+            10_001,
+            o,
+        )
+    });
+    let ServerMessage::Joined(j) = &carol.to("cc")[0].message else {
+        panic!()
+    };
+    assert_eq!(
+        j.participants[0].display_name,
+        "\u{1F600}".repeat(32),
+        "snapshots carry the new name"
+    );
+}
+
+#[test]
+fn custom_events_are_sequenced_echoed_and_rate_limited() {
+    let mut s = space();
+    run(|o| s.join(joiner("ca", "alice", Role::Publisher), session("s1"), 0, o));
+    run(|o| s.join(joiner("cb", "bob", Role::Subscriber), session("s1"), 0, o));
+    let event = |id: &str, payload: String| {
+        msg(
+            ClientMessage::CustomEvent(CustomEventRequest {
+                id: id.into(),
+                payload,
+                scope: 1,
+            }),
+            Some(id),
+        )
+    };
+    let mut last_seq = 0;
+    for i in 0..10 {
+        let id = format!("e{i}");
+        let out = run(|o| s.handle(&conn("ca"), event(&id, "hi".into()), 0, o));
+        let ServerMessage::CustomEvent(mine) = &out.to("ca")[0].message else {
+            panic!("echo")
+        };
+        assert_eq!(out.to("ca")[0].request_id.as_deref(), Some(id.as_str()));
+        assert_eq!(mine.connection_id, "ca");
+        assert!(mine.sequence_num > last_seq, "monotonic sequence");
+        last_seq = mine.sequence_num;
+        let ServerMessage::CustomEvent(theirs) = &out.to("cb")[0].message else {
+            panic!("fan-out")
+        };
+        assert_eq!(theirs, mine);
+        assert_eq!(out.to("cb")[0].request_id, None);
+    }
+    let kind_and_correlator = |out: &Out, c: &str| {
+        let ServerMessage::Error(e) = &out.to(c)[0].message else {
+            panic!("error")
+        };
+        (
+            e.kind,
+            e.request_error.as_ref().map(|r| r.correlator.clone()),
+        )
+    };
+    // The 11th in the same instant is over 10/s.
+    let out = run(|o| s.handle(&conn("ca"), event("e10", "hi".into()), 0, o));
+    assert_eq!(kind_and_correlator(&out, "ca"), (6, Some("e10".into())));
+    assert!(out.to("cb").is_empty());
+    let out = run(|o| s.handle(&conn("ca"), event("e11", "hi".into()), 100, o));
+    assert!(
+        matches!(out.to("ca")[0].message, ServerMessage::CustomEvent(_)),
+        "refilled after 100 ms"
+    );
+    // Too large, and from a subscriber: error 5.
+    let out = run(|o| s.handle(&conn("ca"), event("big", "x".repeat(4097)), 10_000, o));
+    assert_eq!(kind_and_correlator(&out, "ca"), (5, Some("big".into())));
+    let out = run(|o| s.handle(&conn("cb"), event("sub", "hi".into()), 10_000, o));
+    assert_eq!(kind_and_correlator(&out, "cb"), (5, Some("sub".into())));
+    assert!(out.to("ca").is_empty());
+}
+
+fn pending(tid: &str, mid: &str, source: &str) -> Envelope<ClientMessage> {
+    msg(
+        ClientMessage::PendingTrack(PendingTrack {
+            tid: tid.into(),
+            kind: if source == "microphone" {
+                TrackKind::Audio
+            } else {
+                TrackKind::Video
+            },
+            name: "cam".into(),
+            muted: false,
+            source: source.into(),
+            height: 720,
+            width: 1280,
+            mid: mid.into(),
+        }),
+        None,
+    )
+}
+
+#[test]
+fn subscribers_cannot_publish() {
+    let mut s = space();
+    run(|o| s.join(joiner("cs", "sub", Role::Subscriber), session("s1"), 0, o));
+    for m in [
+        pending("t1", "0", "camera"),
+        msg(ClientMessage::Offer("v=0".into()), None),
+    ] {
+        let out = run(|o| s.handle(&conn("cs"), m, 0, o));
+        let ServerMessage::Error(e) = &out.to("cs")[0].message else {
+            panic!("error")
+        };
+        assert_eq!((e.kind, e.fatal), (1, false));
+        assert!(e.message.contains("subscribers"));
+        assert!(out.other.is_empty(), "nothing reaches the media plane");
+    }
+}
+
+#[test]
+fn tracks_publish_mute_and_unpublish() {
+    let mut s = space();
+    run(|o| s.join(joiner("ca", "alice", Role::Publisher), session("s1"), 0, o));
+    run(|o| s.join(joiner("cb", "bob", Role::Publisher), session("s1"), 0, o));
+    // Muting an unknown track is a non-fatal request error (2), to the author only.
+    let out = run(|o| {
+        s.handle(
+            &conn("ca"),
+            msg(ClientMessage::MuteTrack("nope".into()), None),
+            0,
+            o,
+        )
+    });
+    let ServerMessage::Error(e) = &out.to("ca")[0].message else {
+        panic!("error")
+    };
+    assert_eq!(e.kind, 2);
+    assert!(out.to("cb").is_empty());
+
+    let out = run(|o| s.handle(&conn("ca"), pending("cam1", "0", "camera"), 0, o));
+    assert!(matches!(
+        &out.other[..],
+        [Output::Media {
+            message: ClientMessage::PendingTrack(_),
+            ..
+        }]
+    ));
+    assert!(
+        out.frames.is_empty(),
+        "nothing announced before the media flows"
+    );
+    // Bad sources and a second camera (track limit 1 per source) are refused.
+    let out = run(|o| s.handle(&conn("ca"), pending("x", "1", "hologram"), 0, o));
+    assert!(matches!(out.to("ca")[0].message, ServerMessage::Error(ref e) if e.kind == 1));
+    let out = run(|o| s.handle(&conn("ca"), pending("cam2", "1", "camera"), 0, o));
+    assert!(matches!(out.to("ca")[0].message, ServerMessage::Error(ref e) if e.kind == 1));
+    // Muted while negotiating: remembered silently.
+    assert!(
+        run(|o| s.handle(
+            &conn("ca"),
+            msg(ClientMessage::MuteTrack("cam1".into()), None),
+            0,
+            o
+        ))
+        .frames
+        .is_empty()
+    );
+
+    let out = run(|o| s.track_published(&conn("ca"), "cam1", o));
+    let ServerMessage::AddTrack(t) = &out.to("cb")[0].message else {
+        panic!("add_track")
+    };
+    assert_eq!(
+        (
+            t.connection_id.as_str(),
+            t.track.tid.as_str(),
+            t.track.muted
+        ),
+        ("ca", "cam1", true)
+    );
+    assert!(out.to("ca").is_empty(), "never to the publisher itself");
+
+    let out = run(|o| {
+        s.handle(
+            &conn("ca"),
+            msg(ClientMessage::UnmuteTrack("cam1".into()), None),
+            0,
+            o,
+        )
+    });
+    assert!(
+        matches!(&out.to("cb")[0].message, ServerMessage::TrackUnmuted(e) if e.track.tid == "cam1")
+    );
+    assert!(
+        out.to("ca").is_empty(),
+        "the SDK throws on its own mute events"
+    );
+    let out = run(|o| {
+        s.handle(
+            &conn("ca"),
+            msg(ClientMessage::MuteTrack("cam1".into()), None),
+            0,
+            o,
+        )
+    });
+    assert!(matches!(
+        &out.to("cb")[0].message,
+        ServerMessage::TrackMuted(_)
+    ));
+
+    let carol = run(|o| s.join(joiner("cc", "carol", Role::Publisher), session("s"), 0, o));
+    let ServerMessage::Joined(j) = &carol.to("cc")[0].message else {
+        panic!()
+    };
+    assert_eq!(
+        j.participants[0].tracks[0].tid, "cam1",
+        "snapshots carry published tracks"
+    );
+    assert!(j.participants[0].tracks[0].muted);
+
+    let out = run(|o| s.track_unpublished(&conn("ca"), "cam1", o));
+    assert!(
+        matches!(&out.to("cb")[0].message, ServerMessage::RemoveTrack(e) if e.track.tid == "cam1")
+    );
+    assert!(matches!(
+        &out.to("cc")[0].message,
+        ServerMessage::RemoveTrack(_)
+    ));
+}
+
+#[test]
+fn media_messages_go_to_the_media_plane_and_strangers_are_ignored() {
+    let mut s = space();
+    run(|o| s.join(joiner("ca", "alice", Role::Publisher), session("s1"), 0, o));
+    let out = run(|o| {
+        s.handle(
+            &conn("ca"),
+            msg(ClientMessage::Offer("v=0".into()), None),
+            0,
+            o,
+        )
+    });
+    assert_eq!(
+        out.other,
+        vec![Output::Media {
+            from: conn("ca"),
+            message: ClientMessage::Offer("v=0".into())
+        }]
+    );
+    let out = run(|o| {
+        s.handle(
+            &conn("zz"),
+            msg(ClientMessage::SetDisplayName("x".into()), None),
+            0,
+            o,
+        )
+    });
+    assert!(out.frames.is_empty() && out.other.is_empty());
+}
