@@ -1,2 +1,10 @@
-//! Native spacegate client (filled by the join-gateway and media issues): REST, signaling
-//! with exactly the browser SDK's protocol, media on webrtc-rs, and the load generator.
+//! Native spacegate client: the REST control plane and the signaling WebSocket, speaking
+//! exactly what `@mux/spaces-web` 1.2.0 speaks (URL, query parameters, frames). Used by the
+//! end-to-end tests, bots and the `spacegate-load` generator. Media (webrtc-rs) arrives
+//! with the media issue.
+
+mod rest;
+mod signaling;
+
+pub use rest::{RestClient, RestError};
+pub use signaling::{ClientError, JoinOptions, Session, join_url};

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod gateway;
 pub mod ids;
 pub mod join;
 pub mod keys;
@@ -25,13 +26,29 @@ pub use config::Config;
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub keys: Arc<keys::KeyCache>,
+    pub gateway: Arc<gateway::Gateway>,
     /// False once shutdown has begun, so `/readyz` steers load balancers away first.
     ready: Arc<AtomicBool>,
 }
 
 impl AppState {
+    /// A single-node state: in-memory registry, default gateway settings. Must be called
+    /// inside a Tokio runtime (the gateway spawns its store-update task).
     pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_gateway(
+            store,
+            Arc::new(spacegate_session::MemoryRegistry::default()),
+            gateway::GatewayConfig::default(),
+        )
+    }
+
+    pub fn with_gateway(
+        store: Arc<dyn Store>,
+        registry: Arc<dyn spacegate_session::Registry>,
+        config: gateway::GatewayConfig,
+    ) -> Self {
         Self {
+            gateway: gateway::Gateway::new(registry, store.clone(), config),
             store,
             keys: Arc::new(keys::KeyCache::default()),
             ready: Arc::new(AtomicBool::new(true)),
@@ -51,20 +68,26 @@ pub fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then stops accepting, lets
-/// in-flight requests finish and returns.
+/// Serves the API and the join gateway on `listener` until `shutdown` resolves. Then it
+/// reports not-ready, tells every WebSocket client to reconnect elsewhere (close 1012, up
+/// to 5 s for them to go), stops accepting, lets in-flight requests finish and returns.
 pub async fn run(
     state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let ready = state.ready.clone();
+    let gateway = state.gateway.clone();
     let app = api::router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             ready.store(false, Ordering::Relaxed);
-            tracing::info!("shutting down: finishing in-flight requests");
+            tracing::info!(
+                connections = gateway.connection_count(),
+                "shutting down: draining WebSocket clients, finishing in-flight requests"
+            );
+            gateway.drain(std::time::Duration::from_secs(5)).await;
         })
         .await
 }

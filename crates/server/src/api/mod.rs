@@ -40,7 +40,11 @@ pub fn router(state: AppState) -> Router {
     let mut r = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/openapi.json", get(openapi::serve));
+        .route("/openapi.json", get(openapi::serve))
+        // The SDK connects to `<MUX_SPACES_BACKEND_URL>/v1`; `/pluto/v1` serves a base URL
+        // copied from Mux's own (`…/pluto`).
+        .route("/v1", get(crate::gateway::upgrade))
+        .route("/pluto/v1", get(crate::gateway::upgrade));
     r = route(
         r,
         "/video/v1/spaces",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
+use spacegate_server::gateway::GatewayConfig;
 use spacegate_server::{AppState, now_secs, tokens};
 use spacegate_store::{Permissions, SqliteStore};
 use tokio::sync::oneshot;
@@ -16,24 +17,33 @@ pub struct TestServer {
     pub token: (String, String),
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl TestServer {
     pub async fn start() -> Self {
+        Self::start_with(GatewayConfig::default()).await
+    }
+
+    pub async fn start_with(config: GatewayConfig) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open_dir(dir.path()).await.expect("store");
         let token = tokens::bootstrap(&store, "default", now_secs())
             .await
             .expect("bootstrap")
             .expect("fresh store gets a token");
-        let state = AppState::new(Arc::new(store));
+        let state = AppState::with_gateway(
+            Arc::new(store),
+            Arc::new(spacegate_session::MemoryRegistry::default()),
+            config,
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(spacegate_server::run(state.clone(), listener, async move {
+        let task = tokio::spawn(spacegate_server::run(state.clone(), listener, async move {
             let _ = stopped.await;
         }));
         TestServer {
@@ -42,8 +52,39 @@ impl TestServer {
             token: (token.id.to_string(), token.secret.expose().to_string()),
             http: reqwest::Client::new(),
             _dir: dir,
-            _stop: stop,
+            stop: Some(stop),
+            task: Some(task),
         }
+    }
+
+    /// Triggers graceful shutdown and waits for `run` to return.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server result");
+        }
+    }
+
+    /// The WebSocket base URL, as `window.MUX_SPACES_BACKEND_URL` would be set.
+    pub fn ws_base(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// A signing key in the bootstrap token's environment: (kid, private key).
+    pub async fn signing_key(&self) -> (String, spacegate_auth::PrivateKey) {
+        let res = self
+            .req(Method::POST, "/system/v1/signing-keys")
+            .send()
+            .await
+            .expect("send");
+        let key = data(res).await;
+        (
+            key["id"].as_str().expect("kid").to_string(),
+            spacegate_auth::PrivateKey::parse(key["private_key"].as_str().expect("pk"))
+                .expect("parse"),
+        )
     }
 
     pub fn url(&self, path: &str) -> String {
