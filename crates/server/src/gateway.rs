@@ -22,7 +22,9 @@ use spacegate_proto::signaling::{
 };
 use spacegate_proto::{ConnectionId, ParticipantId, SessionId, SpaceId};
 use spacegate_session::{Registry, ReserveError, ReserveMode, ReserveRequest};
-use spacegate_signaling::{Joiner, Output, Space, SpaceConfig};
+use spacegate_signaling::{
+    FloodGuard, Joiner, Liveness, LivenessAction, Output, Space, SpaceConfig,
+};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::AppState;
@@ -141,8 +143,14 @@ impl Gateway {
         })
     }
 
+    /// Milliseconds on the gateway's monotonic clock: the virtual time the sans-IO parts
+    /// (state machine, liveness, rate limits) run on.
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn instant_at(&self, ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started + Duration::from_millis(ms))
     }
 
     pub fn connection_count(&self) -> usize {
@@ -525,11 +533,13 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
     gw.with_space(&space, |s, out| s.join(joiner, session, now, out));
 
     let mut drain = gw.drain.subscribe();
-    let mut ping = tokio::time::interval(gw.config.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let mut last_heard = Instant::now();
-    let mut inbound = InboundLimiter::new(gw.config.inbound_per_second);
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let mut liveness = Liveness::new(
+        gw.now_ms(),
+        ms(gw.config.ping_interval),
+        ms(gw.config.idle_timeout),
+    );
+    let mut flood = FloodGuard::new(gw.config.inbound_per_second, gw.now_ms());
     let close_code = loop {
         tokio::select! {
             frame = rx.recv() => {
@@ -539,17 +549,17 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
                 }
             }
             incoming = socket.recv() => {
-                last_heard = Instant::now();
+                liveness.heard(gw.now_ms());
                 match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Binary(_))) => {
-                        if !inbound.allow(gw.now_ms()) { break Some(flood(&mut socket).await); }
+                        if !flood.admit(gw.now_ms()) { break Some(flooded(&mut socket).await); }
                         let body = ErrorBody::request(RequestErrorType::Unknown, "binary frames are not supported; send JSON text frames", None);
                         let _ = send_timed(&mut socket, Message::Text(Envelope::new(ServerMessage::Error(body)).to_json().into())).await;
                     }
                     Some(Ok(Message::Text(text))) => {
-                        if !inbound.allow(gw.now_ms()) { break Some(flood(&mut socket).await); }
+                        if !flood.admit(gw.now_ms()) { break Some(flooded(&mut socket).await); }
                         match Envelope::<ClientMessage>::decode_client(&text) {
                             Ok(envelope) => {
                                 let now = gw.now_ms();
@@ -563,13 +573,18 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
                     }
                 }
             }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > gw.config.idle_timeout {
-                    tracing::debug!(%conn, "evicting a silent connection");
-                    break None;
-                }
-                if send_timed(&mut socket, Message::Ping(Default::default())).await.is_err() {
-                    break None;
+            () = tokio::time::sleep_until(gw.instant_at(liveness.next_wakeup())) => {
+                match liveness.poll(gw.now_ms()) {
+                    LivenessAction::Evict => {
+                        tracing::debug!(%conn, "evicting a silent connection");
+                        break None;
+                    }
+                    LivenessAction::Ping => {
+                        if send_timed(&mut socket, Message::Ping(Default::default())).await.is_err() {
+                            break None;
+                        }
+                    }
+                    LivenessAction::Wait => {}
                 }
             }
             () = kill.notified() => break Some(CLOSE_NO_RECONNECT),
@@ -599,7 +614,7 @@ async fn send_timed(socket: &mut WebSocket, m: Message) -> Result<(), ()> {
     }
 }
 
-async fn flood(socket: &mut WebSocket) -> u16 {
+async fn flooded(socket: &mut WebSocket) -> u16 {
     let body = ErrorBody {
         fatal: true,
         ..ErrorBody::request(
@@ -614,33 +629,4 @@ async fn flood(socket: &mut WebSocket) -> u16 {
     )
     .await;
     CLOSE_NO_RECONNECT
-}
-
-/// Frames per second from one client, with a burst of two seconds' worth.
-struct InboundLimiter {
-    rate: u64,
-    milli: u64,
-    last_ms: u64,
-}
-
-impl InboundLimiter {
-    fn new(rate: u32) -> Self {
-        InboundLimiter {
-            rate: u64::from(rate),
-            milli: u64::from(rate) * 2000,
-            last_ms: 0,
-        }
-    }
-
-    fn allow(&mut self, now_ms: u64) -> bool {
-        let elapsed = now_ms.saturating_sub(self.last_ms);
-        self.last_ms = now_ms.max(self.last_ms);
-        self.milli = (self.milli + elapsed * self.rate).min(self.rate * 2000);
-        if self.milli >= 1000 {
-            self.milli -= 1000;
-            true
-        } else {
-            false
-        }
-    }
 }

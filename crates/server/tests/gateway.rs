@@ -712,3 +712,81 @@ async fn shutdown_drains_clients_with_a_reconnect_code() {
         "told to reconnect, not cut"
     );
 }
+
+#[tokio::test]
+async fn tokens_from_every_real_signer_join_over_the_websocket() {
+    let s = TestServer::start().await;
+    let f: Value = serde_json::from_str(include_str!("../../auth/tests/fixtures/real-tokens.json"))
+        .expect("fixtures");
+    // The fixtures' key and space, registered as if created through the API.
+    let env = s
+        .state
+        .store
+        .ensure_environment(&"unused".parse().expect("id"), "default", 0)
+        .await
+        .expect("default environment");
+    let public = spacegate_auth::PublicKey::from_pem(f["public_key_pem"].as_str().expect("pem"))
+        .expect("key");
+    s.state
+        .store
+        .insert_signing_key(&spacegate_store::SigningKeyRecord {
+            id: f["key_id"].as_str().expect("kid").parse().expect("kid"),
+            environment_id: env.id.clone(),
+            public_key_der: public.der().to_vec(),
+            created_at: 0,
+        })
+        .await
+        .expect("key");
+    s.state
+        .store
+        .insert_space(&spacegate_store::SpaceRecord {
+            id: f["space_id"]
+                .as_str()
+                .expect("space")
+                .parse()
+                .expect("space"),
+            environment_id: env.id,
+            passthrough: None,
+            status: spacegate_store::SpaceStatus::Idle,
+            active_session_id: None,
+            created_at: 0,
+        })
+        .await
+        .expect("space");
+    let mut sessions = Vec::new();
+    for t in f["tokens"].as_array().expect("tokens") {
+        let signer = t["signer"].as_str().expect("signer");
+        let session = Session::join(
+            &s.ws_base(),
+            t["token"].as_str().expect("token"),
+            &JoinOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{signer}: {e}"));
+        match t["participant_id"].as_str() {
+            Some(p) => assert_eq!(session.joined().participant_id, p, "{signer}"),
+            None => assert_eq!(
+                session.joined().participant_id.len(),
+                32,
+                "{signer}: generated id"
+            ),
+        }
+        // Everyone joined before is listed, with the role the token gave them.
+        assert_eq!(
+            session.joined().participants.len(),
+            sessions.len(),
+            "{signer}"
+        );
+        sessions.push((t["role"].as_str().expect("role").to_string(), session));
+    }
+    let last = &sessions.last().expect("sessions").1;
+    for (p, (role, _)) in last.joined().participants.iter().zip(&sessions) {
+        let expected = if role == "subscriber" {
+            spacegate_proto::signaling::ParticipantRole::Subscriber
+        } else {
+            spacegate_proto::signaling::ParticipantRole::Publisher
+        };
+        assert_eq!(p.role, expected, "{}", p.participant_id);
+    }
+    assert!(sessions.len() >= 5);
+}

@@ -16,6 +16,8 @@
 //! later inputs.
 
 mod limiter;
+mod liveness;
 mod space;
 
+pub use liveness::{FloodGuard, Liveness, LivenessAction};
 pub use space::{Joiner, Output, Space, SpaceConfig};

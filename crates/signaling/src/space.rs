@@ -217,7 +217,11 @@ impl Space {
             tracks: Vec::new(),
             pending: Vec::new(),
             managed_subscriptions: joiner.managed_subscriptions,
-            custom_events: TokenBucket::full(self.config.limits.custom_events_per_second, now_ms),
+            custom_events: TokenBucket::new(
+                self.config.limits.custom_events_per_second,
+                self.config.limits.custom_events_per_second,
+                now_ms,
+            ),
             last_name_change_ms: None,
         };
         let joined = Joined {
@@ -368,7 +372,6 @@ impl Space {
         now_ms: u64,
         out: &mut Vec<Output>,
     ) {
-        let rate = self.config.limits.custom_events_per_second;
         let m = &mut self.members[i];
         // The SDK correlates by request_id, which it sets to the event id.
         let correlator = request_id.clone().or_else(|| Some(event.id.clone()));
@@ -392,7 +395,7 @@ impl Space {
                 out,
             );
         }
-        if !m.custom_events.try_take(rate, now_ms) {
+        if !m.custom_events.try_take(now_ms) {
             return Self::request_error(
                 &m.connection_id,
                 RequestErrorType::CustomEventRateLimited,

@@ -498,3 +498,46 @@ fn media_messages_go_to_the_media_plane_and_strangers_are_ignored() {
     });
     assert!(out.frames.is_empty() && out.other.is_empty());
 }
+
+#[test]
+fn liveness_pings_on_schedule_and_evicts_the_silent() {
+    use spacegate_signaling::{Liveness, LivenessAction};
+    let mut l = Liveness::new(0, 5_000, 12_000);
+    assert_eq!(l.poll(0), LivenessAction::Wait);
+    assert_eq!(l.next_wakeup(), 5_000);
+    assert_eq!(l.poll(4_999), LivenessAction::Wait);
+    assert_eq!(l.poll(5_000), LivenessAction::Ping);
+    assert_eq!(l.poll(5_001), LivenessAction::Wait, "one ping per interval");
+    assert_eq!(l.next_wakeup(), 10_000);
+    // A pong at 6 s pushes eviction to 18 s; pings continue meanwhile.
+    l.heard(6_000);
+    assert_eq!(l.poll(10_000), LivenessAction::Ping);
+    assert_eq!(l.poll(15_000), LivenessAction::Ping);
+    assert_eq!(l.next_wakeup(), 18_000);
+    assert_eq!(l.poll(17_999), LivenessAction::Wait);
+    assert_eq!(
+        l.poll(18_000),
+        LivenessAction::Evict,
+        "silent for the idle timeout"
+    );
+    // With a 5 s ping and 12 s timeout, a half-open peer is gone within 15 s of its last word.
+    let mut half_open = Liveness::new(0, 5_000, 12_000);
+    let mut t = 0;
+    while half_open.poll(t) != LivenessAction::Evict {
+        t = half_open.next_wakeup();
+    }
+    assert!(t <= 15_000, "evicted at {t} ms");
+}
+
+#[test]
+fn flood_guard_admits_a_burst_then_the_rate() {
+    use spacegate_signaling::FloodGuard;
+    let mut g = FloodGuard::new(50, 0);
+    assert_eq!(
+        (0..200).filter(|_| g.admit(0)).count(),
+        100,
+        "two seconds' worth at once"
+    );
+    assert!(!g.admit(19));
+    assert!(g.admit(20), "one frame per 20 ms at 50/s");
+}
