@@ -263,6 +263,12 @@ impl Session {
         .await;
     }
 
+    /// Sends a close frame and drops the connection without waiting for the server's
+    /// reply: a client that leaves and moves on.
+    pub async fn abort_with_close(mut self) {
+        let _ = self.ws.send(Message::Close(None)).await;
+    }
+
     /// Drops the TCP connection without a close handshake (a crashed client).
     pub fn abort(self) {
         drop(self.ws);

@@ -11,6 +11,7 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./spacegate-data";
 pub const DEFAULT_ENVIRONMENT: &str = "default";
+pub const DEFAULT_MAX_PARTICIPANTS: u32 = 100;
 
 /// The file form: every key optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -20,6 +21,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub environment: Option<String>,
     pub log: Option<String>,
+    pub max_participants: Option<u32>,
 }
 
 impl FileConfig {
@@ -58,6 +60,8 @@ pub struct Config {
     pub environment: String,
     /// `tracing` filter, e.g. `info` or `spacegate_server=debug`.
     pub log: String,
+    /// Most participants connected to one space at once.
+    pub max_participants: u32,
 }
 
 /// Values from flags or environment variables (clap merges those two).
@@ -67,6 +71,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub environment: Option<String>,
     pub log: Option<String>,
+    pub max_participants: Option<u32>,
 }
 
 impl Config {
@@ -86,6 +91,10 @@ impl Config {
                 .or(file.environment)
                 .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string()),
             log: over.log.or(file.log).unwrap_or_else(|| "info".to_string()),
+            max_participants: over
+                .max_participants
+                .or(file.max_participants)
+                .unwrap_or(DEFAULT_MAX_PARTICIPANTS),
         }
     }
 }

@@ -285,7 +285,9 @@ pub async fn upgrade(
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
             let mut socket = socket;
-            match admit(&state, params, &mut socket).await {
+            // Boxed: the admission future (token check, store lookups) is large and must
+            // not stay part of every idle connection's task for its whole life.
+            match Box::pin(admit(&state, params, &mut socket)).await {
                 Ok(admitted) => serve(state, admitted, socket).await,
                 Err(body) => refuse(socket, body).await,
             }

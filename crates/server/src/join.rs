@@ -36,15 +36,13 @@ pub async fn verify_join_token(
         return Err(AuthError::UnknownKey.into());
     };
     let claims = unverified.verify(&key.key, now, options)?;
-    let space = store
-        .space_any_environment(&claims.space_id)
+    let space_env = keys
+        .space_environment(store, &claims.space_id)
         .await
         .map_err(KeyLookupError::from)?;
-    match space {
+    match space_env {
         None => Err(AuthError::UnknownSpace.into()),
-        Some(s) if s.environment_id != key.environment_id => {
-            Err(AuthError::WrongEnvironment.into())
-        }
+        Some(env) if *env != key.environment_id => Err(AuthError::WrongEnvironment.into()),
         Some(_) => Ok(AdmittedToken {
             claims,
             environment_id: key.environment_id.clone(),

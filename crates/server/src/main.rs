@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use spacegate_auth::{PrivateKey, SignOptions, VerifyOptions};
 use spacegate_proto::{AccessTokenId, KeyId, ParticipantId, Role, SpaceId};
 use spacegate_server::config::{Config, FileConfig, Overrides};
+use spacegate_server::gateway::GatewayConfig;
 use spacegate_server::{AppState, keys::KeyCache, now_secs, tokens};
 use spacegate_store::{Permissions, SqliteStore, Store};
 
@@ -62,6 +63,9 @@ struct ServeArgs {
     /// Log filter, e.g. `info` or `debug`.
     #[arg(long, env = "SPACEGATE_LOG")]
     log: Option<String>,
+    /// Most participants in one space at once [default: 100].
+    #[arg(long, env = "SPACEGATE_MAX_PARTICIPANTS")]
+    max_participants: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +139,7 @@ fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> Result<Config> {
         data_dir: store.data_dir.clone(),
         environment: serve.and_then(|s| s.environment.clone()),
         log: serve.and_then(|s| s.log.clone()),
+        max_participants: serve.and_then(|s| s.max_participants),
     };
     Ok(Config::resolve(file, over))
 }
@@ -187,7 +192,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     out.flush()?;
     drop(out);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
-    let state = AppState::new(Arc::new(store));
+    let state = AppState::with_gateway(
+        Arc::new(store),
+        Arc::new(spacegate_session::MemoryRegistry::default()),
+        GatewayConfig {
+            max_participants: config.max_participants,
+            ..GatewayConfig::default()
+        },
+    );
     spacegate_server::run(state, listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -790,3 +790,25 @@ async fn tokens_from_every_real_signer_join_over_the_websocket() {
     }
     assert!(sessions.len() >= 5);
 }
+
+#[tokio::test]
+async fn a_deleted_space_refuses_joins_at_once() {
+    let fx = Fx::new().await;
+    fx.join("alice").await.leave().await;
+    fx.wait_status("idle").await;
+    let res =
+        fx.s.req(Method::DELETE, &format!("/video/v1/spaces/{}", fx.space))
+            .send()
+            .await
+            .expect("delete");
+    assert_eq!(res.status(), 204);
+    let (kind, message, _) = refused(
+        fx.join_with(
+            &fx.token(Some("alice"), Role::Publisher),
+            JoinOptions::default(),
+        )
+        .await,
+    );
+    assert_eq!(kind, 6);
+    assert!(message.contains("space"), "{message}");
+}

@@ -1,1 +1,265 @@
-fn main() {}
+//! `spacegate-load`: join-throughput and idle-connection load against a running spacegate.
+//!
+//!   spacegate-load join --url http://127.0.0.1:8080 --token-id ID --token-secret S \
+//!       --concurrency 100 --joins 5000 [--spaces 10]
+//!   spacegate-load hold --url … --token-id … --token-secret … --connections 15000 --spaces 150
+//!
+//! Both create a signing key and spaces through the REST API and sign every token before
+//! the clock starts, so only joining is measured. Output is one JSON object per line.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use spacegate_auth::{PrivateKey, SignOptions};
+use spacegate_client::{ClientError, JoinOptions, RestClient, Session};
+use spacegate_proto::Role;
+
+#[derive(Debug, Parser)]
+#[command(name = "spacegate-load", about = "Load generator for spacegate")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Join and leave as fast as possible; report joins/s and join latency.
+    Join {
+        #[command(flatten)]
+        common: Common,
+        /// Joins in flight at once.
+        #[arg(long, default_value_t = 100)]
+        concurrency: usize,
+        /// Total joins.
+        #[arg(long, default_value_t = 5000)]
+        joins: usize,
+    },
+    /// Open idle joined connections and keep them (answering pings) for a while.
+    Hold {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Seconds to hold after all are joined.
+        #[arg(long, default_value_t = 30)]
+        hold_secs: u64,
+        /// Joins in flight while ramping up.
+        #[arg(long, default_value_t = 200)]
+        ramp_concurrency: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Base URL of the server (http://…); the WebSocket URL is derived from it.
+    #[arg(long)]
+    url: String,
+    #[arg(long, env = "MUX_TOKEN_ID")]
+    token_id: String,
+    #[arg(long, env = "MUX_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: String,
+    /// Spread participants over this many spaces (fan-out per join grows with space size).
+    #[arg(long, default_value_t = 1)]
+    spaces: usize,
+}
+
+struct Prepared {
+    ws_base: String,
+    tokens: Vec<String>,
+}
+
+async fn prepare(c: &Common, count: usize) -> Result<Prepared> {
+    let rest = RestClient::new(&c.url, &c.token_id, &c.token_secret);
+    let (kid, private) = rest
+        .create_signing_key()
+        .await
+        .context("creating a signing key")?;
+    let key = Arc::new(PrivateKey::parse(&private).context("parsing the signing key")?);
+    let mut spaces = Vec::new();
+    for _ in 0..c.spaces.max(1) {
+        spaces.push(rest.create_space().await.context("creating a space")?);
+    }
+    let expires_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    // Signing costs ~1 ms per token: spread it over the cores, before the clock starts.
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let chunk = count.div_ceil(threads).max(1);
+    let mut handles = Vec::new();
+    for start in (0..count).step_by(chunk) {
+        let (key, kid, spaces) = (key.clone(), kid.clone(), spaces.clone());
+        handles.push(std::thread::spawn(move || -> Result<Vec<String>> {
+            (start..(start + chunk).min(count))
+                .map(|i| {
+                    let options = SignOptions {
+                        key_id: kid.parse()?,
+                        space_id: spaces[i % spaces.len()].parse()?,
+                        expires_at,
+                        role: Role::Publisher,
+                        participant_id: Some(format!("load-{i}").parse()?),
+                    };
+                    Ok(spacegate_auth::sign(&key, &options)?)
+                })
+                .collect()
+        }));
+    }
+    let mut tokens = Vec::with_capacity(count);
+    for h in handles {
+        tokens.extend(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("signing thread panicked"))??,
+        );
+    }
+    let ws_base = c
+        .url
+        .trim_end_matches('/')
+        .replacen("http://", "ws://", 1)
+        .replacen("https://", "wss://", 1);
+    Ok(Prepared { ws_base, tokens })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Join {
+            common,
+            concurrency,
+            joins,
+        } => run_join(&common, concurrency, joins).await,
+        Command::Hold {
+            common,
+            connections,
+            hold_secs,
+            ramp_concurrency,
+        } => run_hold(&common, connections, hold_secs, ramp_concurrency).await,
+    }
+}
+
+async fn run_join(c: &Common, concurrency: usize, joins: usize) -> Result<()> {
+    if concurrency == 0 || joins == 0 {
+        bail!("--concurrency and --joins must be positive");
+    }
+    let p = Arc::new(prepare(c, joins).await?);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (p, next) = (p.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors: Vec<String> = Vec::new();
+            let options = JoinOptions::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(token) = p.tokens.get(i) else { break };
+                let t = Instant::now();
+                match Session::join(&p.ws_base, token, &options).await {
+                    Ok(session) => {
+                        latencies.push(t.elapsed());
+                        // Leave at once (close without waiting), as a churning client would.
+                        session.abort_with_close().await;
+                    }
+                    Err(e) => errors.push(match e {
+                        ClientError::Rejected { error, .. } => {
+                            format!("rejected type {}", error.kind)
+                        }
+                        other => other.to_string(),
+                    }),
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(joins);
+    let mut errors = std::collections::BTreeMap::<String, usize>::new();
+    for w in workers {
+        let (l, e) = w.await?;
+        latencies.extend(l);
+        for e in e {
+            *errors.entry(e).or_default() += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "join",
+            "concurrency": concurrency,
+            "joins": latencies.len(),
+            "errors": errors,
+            "seconds": elapsed.as_secs_f64(),
+            "joins_per_sec": latencies.len() as f64 / elapsed.as_secs_f64(),
+            "p50_ms": percentile(&latencies, 0.50),
+            "p99_ms": percentile(&latencies, 0.99),
+            "max_ms": percentile(&latencies, 1.0),
+        })
+    );
+    Ok(())
+}
+
+async fn run_hold(c: &Common, connections: usize, hold_secs: u64, ramp: usize) -> Result<()> {
+    let p = Arc::new(prepare(c, connections).await?);
+    let next = Arc::new(AtomicUsize::new(0));
+    let joined = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (done_tx, _) = tokio::sync::watch::channel(false);
+    let mut ramps = Vec::new();
+    for _ in 0..ramp.max(1) {
+        let (p, next, joined, failed) = (p.clone(), next.clone(), joined.clone(), failed.clone());
+        let done = done_tx.subscribe();
+        ramps.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(token) = p.tokens.get(i) else { break };
+                match Session::join(&p.ws_base, token, &JoinOptions::default()).await {
+                    Ok(mut session) => {
+                        joined.fetch_add(1, Ordering::Relaxed);
+                        let mut done = done.clone();
+                        // Keep reading so pings are answered and fan-out is consumed.
+                        tokio::spawn(async move {
+                            loop {
+                                tokio::select! {
+                                    r = session.next_within(Duration::from_secs(3600)) => if r.is_err() { break },
+                                    _ = done.changed() => break,
+                                }
+                            }
+                            session.abort();
+                        });
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for r in ramps {
+        r.await?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"mode": "hold", "state": "holding", "joined": joined.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed)})
+    );
+    tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+    let _ = done_tx.send(true);
+    println!(
+        "{}",
+        serde_json::json!({"mode": "hold", "state": "released"})
+    );
+    Ok(())
+}

@@ -211,7 +211,11 @@ pub async fn delete(
         .delete_space(&caller.environment_id, &id)
         .await?
     {
-        DeleteSpaceOutcome::Deleted => Ok(StatusCode::NO_CONTENT),
+        DeleteSpaceOutcome::Deleted => {
+            // After the commit, so the join path cannot re-cache the deleted space.
+            state.keys.invalidate_space(&id);
+            Ok(StatusCode::NO_CONTENT)
+        }
         DeleteSpaceOutcome::NotFound => Err(ApiError::NotFound),
         DeleteSpaceOutcome::Active => Err(ApiError::Conflict(
             "The space is active; it can be deleted once every participant has left".into(),
