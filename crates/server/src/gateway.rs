@@ -269,7 +269,7 @@ pub struct JoinParams {
 
 /// Small per-connection buffers: tungstenite's default 128 KiB read buffer would cost more
 /// than everything else an idle participant holds.
-const SOCKET_BUFFER: usize = 4 * 1024;
+const SOCKET_BUFFER: usize = 1024;
 
 pub async fn upgrade(
     State(state): State<AppState>,
@@ -556,12 +556,12 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Binary(_))) => {
-                        if !flood.admit(gw.now_ms()) { break Some(flooded(&mut socket).await); }
+                        if !flood.admit(gw.now_ms()) { break Some(Box::pin(flooded(&mut socket)).await); }
                         let body = ErrorBody::request(RequestErrorType::Unknown, "binary frames are not supported; send JSON text frames", None);
                         let _ = send_timed(&mut socket, Message::Text(Envelope::new(ServerMessage::Error(body)).to_json().into())).await;
                     }
                     Some(Ok(Message::Text(text))) => {
-                        if !flood.admit(gw.now_ms()) { break Some(flooded(&mut socket).await); }
+                        if !flood.admit(gw.now_ms()) { break Some(Box::pin(flooded(&mut socket)).await); }
                         match Envelope::<ClientMessage>::decode_client(&text) {
                             Ok(envelope) => {
                                 let now = gw.now_ms();
@@ -594,7 +594,9 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
         }
     };
     if let Some(code) = close_code {
-        close_gracefully(&mut socket, code).await;
+        // Boxed, like the other cold paths: an await inline here would grow every idle
+        // connection's task by the size of this rarely-taken future.
+        Box::pin(close_gracefully(&mut socket, code)).await;
     }
     lock(&gw.conns).remove(&conn);
     gw.with_space(&space, |s, out| s.leave(&conn, out));

@@ -184,9 +184,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             token.secret.expose()
         )?;
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     writeln!(out, "spacegate: listening on http://{addr}")?;
     out.flush()?;
@@ -203,6 +201,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
     spacegate_server::run(state, listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds with a deep accept queue: a burst of joins (every SDK client reconnecting after a
+/// restart) must not overflow tokio's default backlog of 1024, or the kernel drops SYNs and
+/// clients wait a full second for the retransmit.
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 async fn shutdown_signal() {

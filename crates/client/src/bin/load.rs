@@ -64,6 +64,13 @@ struct Common {
     /// Spread participants over this many spaces (fan-out per join grows with space size).
     #[arg(long, default_value_t = 1)]
     spaces: usize,
+    /// Tokens without participant_id, a small pool reused round-robin (every join gets a
+    /// server-made id). Skips signing one token per join, for long profiling runs.
+    #[arg(long)]
+    anonymous: bool,
+    /// PID of a server on this machine: report its CPU time per join (from /proc).
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 struct Prepared {
@@ -71,7 +78,28 @@ struct Prepared {
     tokens: Vec<String>,
 }
 
+impl Prepared {
+    fn token(&self, i: usize, total: usize) -> Option<&String> {
+        if i >= total {
+            return None;
+        }
+        self.tokens.get(i % self.tokens.len())
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(ticks / 100.0)
+}
+
 async fn prepare(c: &Common, count: usize) -> Result<Prepared> {
+    let count = if c.anonymous { count.min(100) } else { count };
     let rest = RestClient::new(&c.url, &c.token_id, &c.token_secret);
     let (kid, private) = rest
         .create_signing_key()
@@ -93,7 +121,7 @@ async fn prepare(c: &Common, count: usize) -> Result<Prepared> {
     let chunk = count.div_ceil(threads).max(1);
     let mut handles = Vec::new();
     for start in (0..count).step_by(chunk) {
-        let (key, kid, spaces) = (key.clone(), kid.clone(), spaces.clone());
+        let (key, kid, spaces, anonymous) = (key.clone(), kid.clone(), spaces.clone(), c.anonymous);
         handles.push(std::thread::spawn(move || -> Result<Vec<String>> {
             (start..(start + chunk).min(count))
                 .map(|i| {
@@ -102,7 +130,11 @@ async fn prepare(c: &Common, count: usize) -> Result<Prepared> {
                         space_id: spaces[i % spaces.len()].parse()?,
                         expires_at,
                         role: Role::Publisher,
-                        participant_id: Some(format!("load-{i}").parse()?),
+                        participant_id: if anonymous {
+                            None
+                        } else {
+                            Some(format!("load-{i}").parse()?)
+                        },
                     };
                     Ok(spacegate_auth::sign(&key, &options)?)
                 })
@@ -155,6 +187,7 @@ async fn run_join(c: &Common, concurrency: usize, joins: usize) -> Result<()> {
     }
     let p = Arc::new(prepare(c, joins).await?);
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu_before = c.server_pid.and_then(cpu_seconds);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
@@ -165,7 +198,9 @@ async fn run_join(c: &Common, concurrency: usize, joins: usize) -> Result<()> {
             let options = JoinOptions::default();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(token) = p.tokens.get(i) else { break };
+                let Some(token) = p.token(i, joins) else {
+                    break;
+                };
                 let t = Instant::now();
                 match Session::join(&p.ws_base, token, &options).await {
                     Ok(session) => {
@@ -194,6 +229,11 @@ async fn run_join(c: &Common, concurrency: usize, joins: usize) -> Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    let server_cpu = c
+        .server_pid
+        .and_then(cpu_seconds)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     latencies.sort();
     println!(
         "{}",
@@ -207,6 +247,8 @@ async fn run_join(c: &Common, concurrency: usize, joins: usize) -> Result<()> {
             "p50_ms": percentile(&latencies, 0.50),
             "p99_ms": percentile(&latencies, 0.99),
             "max_ms": percentile(&latencies, 1.0),
+            "server_cpu_seconds": server_cpu,
+            "server_cpu_us_per_join": server_cpu.map(|s| s * 1e6 / latencies.len().max(1) as f64),
         })
     );
     Ok(())
@@ -225,7 +267,7 @@ async fn run_hold(c: &Common, connections: usize, hold_secs: u64, ramp: usize) -
         ramps.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(token) = p.tokens.get(i) else { break };
+                let Some(token) = p.token(i, connections) else { break };
                 match Session::join(&p.ws_base, token, &JoinOptions::default()).await {
                     Ok(mut session) => {
                         joined.fetch_add(1, Ordering::Relaxed);
