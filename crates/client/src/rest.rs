@@ -28,13 +28,11 @@ impl RestClient {
         }
     }
 
-    async fn post(&self, path: &str) -> Result<Value, RestError> {
-        let res = self
-            .http
-            .post(format!("{}{path}", self.base))
+    /// Sends `request` with Basic auth; returns the `data` of a success, the error body of
+    /// a failure.
+    async fn call(&self, request: reqwest::RequestBuilder) -> Result<Value, RestError> {
+        let res = request
             .basic_auth(&self.token_id, Some(&self.token_secret))
-            .header("content-type", "application/json")
-            .body("{}")
             .send()
             .await?;
         let status = res.status().as_u16();
@@ -46,6 +44,17 @@ impl RestClient {
             });
         }
         Ok(body["data"].clone())
+    }
+
+    async fn post(&self, path: &str) -> Result<Value, RestError> {
+        let url = format!("{}{path}", self.base);
+        self.call(
+            self.http
+                .post(url)
+                .header("content-type", "application/json")
+                .body("{}"),
+        )
+        .await
     }
 
     /// Returns `(key id, base64 PEM private key)`.
@@ -64,20 +73,7 @@ impl RestClient {
     }
 
     pub async fn space(&self, id: &str) -> Result<Value, RestError> {
-        let res = self
-            .http
-            .get(format!("{}/video/v1/spaces/{id}", self.base))
-            .basic_auth(&self.token_id, Some(&self.token_secret))
-            .send()
-            .await?;
-        let status = res.status().as_u16();
-        let body: Value = res.json().await?;
-        if status >= 300 {
-            return Err(RestError::Api {
-                status,
-                body: body.to_string(),
-            });
-        }
-        Ok(body["data"].clone())
+        let url = format!("{}/video/v1/spaces/{id}", self.base);
+        self.call(self.http.get(url)).await
     }
 }
