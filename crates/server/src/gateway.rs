@@ -401,10 +401,15 @@ async fn admit(
     // Who this participant is, and what lets a reconnect take over a stale connection:
     // a token that names the participant proves identity by itself; a server-made id is
     // bound to the exact token it was made for (the SDK reconnects with the same token).
-    let token_fingerprint = crate::tokens::hash_secret(&token)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
+    let token_fingerprint = {
+        use std::fmt::Write as _;
+        let mut hex = String::with_capacity(64);
+        for b in crate::tokens::hash_secret(&token) {
+            // Writing to a String cannot fail.
+            let _ = write!(hex, "{b:02x}");
+        }
+        hex
+    };
     let (participant_id, credential, mode) = match (&claims.participant_id, params.reconnect_id) {
         (Some(named), None) => (named.clone(), "token-named".to_string(), ReserveMode::Fresh),
         (Some(named), Some(r)) if r == named.as_str() => (
