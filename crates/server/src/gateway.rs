@@ -157,6 +157,14 @@ impl Gateway {
         lock(&self.conns).len()
     }
 
+    /// Whether anyone is connected to `space` on this node right now. The store's status
+    /// lags behind by one queued write; the REST API checks this too before deleting.
+    pub fn is_space_live(&self, space: &SpaceId) -> bool {
+        lock(&self.spaces)
+            .get(space)
+            .is_some_and(|slot| !lock(&slot.space).is_empty())
+    }
+
     /// Tells every connection to close with 1012 (the SDK reconnects elsewhere) and waits
     /// up to `grace` for them to go.
     pub async fn drain(&self, grace: Duration) {

@@ -812,3 +812,35 @@ async fn a_deleted_space_refuses_joins_at_once() {
     assert_eq!(kind, 6);
     assert!(message.contains("space"), "{message}");
 }
+
+#[tokio::test]
+async fn a_space_with_participants_cannot_be_deleted_even_before_the_store_knows() {
+    let fx = Fx::new().await;
+    let alice = fx.join("alice").await;
+    // No waiting for the store's status: the gateway's own view refuses the delete.
+    let res =
+        fx.s.req(Method::DELETE, &format!("/video/v1/spaces/{}", fx.space))
+            .send()
+            .await
+            .expect("delete");
+    assert_eq!(res.status(), 409);
+    let other = fx.s.token("staging", "read,write").await;
+    let res =
+        fx.s.req_as(
+            &other,
+            Method::DELETE,
+            &format!("/video/v1/spaces/{}", fx.space),
+        )
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(res.status(), 404, "another environment learns nothing");
+    alice.leave().await;
+    fx.wait_status("idle").await;
+    let res =
+        fx.s.req(Method::DELETE, &format!("/video/v1/spaces/{}", fx.space))
+            .send()
+            .await
+            .expect("delete");
+    assert_eq!(res.status(), 204);
+}

@@ -206,6 +206,22 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     caller.require_write()?;
     let id: SpaceId = path_id(id)?;
+    let active = || {
+        ApiError::Conflict(
+            "The space is active; it can be deleted once every participant has left".into(),
+        )
+    };
+    // The store learns of a first join a moment after it happens; the gateway knows now.
+    // (Only for a space of the caller's environment: others' spaces are a plain 404.)
+    if state.gateway.is_space_live(&id)
+        && state
+            .store
+            .space(&caller.environment_id, &id)
+            .await?
+            .is_some()
+    {
+        return Err(active());
+    }
     match state
         .store
         .delete_space(&caller.environment_id, &id)
@@ -217,9 +233,7 @@ pub async fn delete(
             Ok(StatusCode::NO_CONTENT)
         }
         DeleteSpaceOutcome::NotFound => Err(ApiError::NotFound),
-        DeleteSpaceOutcome::Active => Err(ApiError::Conflict(
-            "The space is active; it can be deleted once every participant has left".into(),
-        )),
+        DeleteSpaceOutcome::Active => Err(active()),
     }
 }
 
