@@ -50,6 +50,11 @@ pub struct GatewayConfig {
     /// Frames per second a client may send (burst of twice that); beyond, it is cut off.
     pub inbound_per_second: u32,
     pub leeway_secs: u64,
+    /// How long after its token expired, or after it was last seen, a participant may still
+    /// come back through the SDK's reconnect (`reconnect_id`) with the token it joined
+    /// with. The SDK cannot fetch a new token mid-reconnect, so without this a network blip
+    /// late in a meeting would end it for good.
+    pub reconnect_grace: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +67,7 @@ impl Default for GatewayConfig {
             outbound_queue: 256,
             inbound_per_second: 50,
             leeway_secs: 30,
+            reconnect_grace: Duration::from_secs(300),
         }
     }
 }
@@ -91,6 +97,9 @@ pub struct Gateway {
     pub config: GatewayConfig,
     spaces: Mutex<HashMap<SpaceId, Arc<Slot>>>,
     conns: Mutex<HashMap<ConnectionId, Conn>>,
+    /// Participants that left recently: (space, participant) → (when, credential). Lets a
+    /// reconnect with an expired token through, within `reconnect_grace`.
+    departed: Mutex<HashMap<(SpaceId, ParticipantId), (Instant, String)>>,
     activity: mpsc::UnboundedSender<Activity>,
     drain: watch::Sender<bool>,
     started: Instant,
@@ -137,6 +146,7 @@ impl Gateway {
             config,
             spaces: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashMap::new()),
             activity,
             drain: watch::channel(false).0,
             started: Instant::now(),
@@ -151,6 +161,33 @@ impl Gateway {
 
     fn instant_at(&self, ms: u64) -> tokio::time::Instant {
         tokio::time::Instant::from_std(self.started + Duration::from_millis(ms))
+    }
+
+    fn record_departure(&self, space: &SpaceId, participant: &ParticipantId, credential: String) {
+        let mut departed = lock(&self.departed);
+        // Forget what is past the grace period whenever the map has grown; one sweep per
+        // doubling keeps this amortised O(1).
+        if departed.len() >= 1024 && departed.len().is_power_of_two() {
+            let grace = self.config.reconnect_grace;
+            departed.retain(|_, (at, _)| at.elapsed() <= grace);
+        }
+        departed.insert(
+            (space.clone(), participant.clone()),
+            (Instant::now(), credential),
+        );
+    }
+
+    /// Whether `participant` was in `space` recently enough, with this credential, to come
+    /// back on an expired token.
+    fn departed_recently(
+        &self,
+        space: &SpaceId,
+        participant: &ParticipantId,
+        credential: &str,
+    ) -> bool {
+        lock(&self.departed)
+            .get(&(space.clone(), participant.clone()))
+            .is_some_and(|(at, c)| at.elapsed() <= self.config.reconnect_grace && c == credential)
     }
 
     pub fn connection_count(&self) -> usize {
@@ -340,6 +377,7 @@ async fn close_gracefully(socket: &mut WebSocket, code: u16) {
 struct Admitted {
     space: SpaceId,
     joiner: Joiner,
+    credential: String,
     kill: Arc<Notify>,
     rx: mpsc::Receiver<Arc<str>>,
 }
@@ -362,24 +400,37 @@ async fn admit(
     let options = VerifyOptions {
         leeway_secs: gw.config.leeway_secs,
     };
-    let admitted = verify_join_token(state.store.as_ref(), &state.keys, &token, now, &options)
-        .await
-        .map_err(|e| match e {
-            JoinAuthError::Token(AuthError::Expired) => {
-                join_error(JoinErrorType::InvalidJwt, "token has expired")
-            }
-            JoinAuthError::Token(e) => {
-                join_error(JoinErrorType::InvalidJwt, format!("invalid token: {e}"))
-            }
-            JoinAuthError::Internal(e) => {
-                tracing::error!(error = %e, "join check failed");
-                // Type 7 keeps its message in the SDK (type 0 would not).
-                join_error(
-                    JoinErrorType::ParticipantLimitReached,
-                    "service temporarily unavailable, try again",
-                )
-            }
-        })?;
+    let mut verified =
+        verify_join_token(state.store.as_ref(), &state.keys, &token, now, &options).await;
+    let mut expired_reconnect = false;
+    if matches!(verified, Err(JoinAuthError::Token(AuthError::Expired)))
+        && params.reconnect_id.is_some()
+    {
+        // An SDK reconnect reuses the token it joined with, which may have expired since.
+        // Check it with the grace period as leeway; whether this participant was really
+        // here is checked once we know who it is.
+        let grace = VerifyOptions {
+            leeway_secs: options.leeway_secs + gw.config.reconnect_grace.as_secs(),
+        };
+        verified = verify_join_token(state.store.as_ref(), &state.keys, &token, now, &grace).await;
+        expired_reconnect = verified.is_ok();
+    }
+    let admitted = verified.map_err(|e| match e {
+        JoinAuthError::Token(AuthError::Expired) => {
+            join_error(JoinErrorType::InvalidJwt, "token has expired")
+        }
+        JoinAuthError::Token(e) => {
+            join_error(JoinErrorType::InvalidJwt, format!("invalid token: {e}"))
+        }
+        JoinAuthError::Internal(e) => {
+            tracing::error!(error = %e, "join check failed");
+            // Type 7 keeps its message in the SDK (type 0 would not).
+            join_error(
+                JoinErrorType::ParticipantLimitReached,
+                "service temporarily unavailable, try again",
+            )
+        }
+    })?;
     let claims = admitted.claims;
 
     let display_name = params.display_name.unwrap_or_default();
@@ -447,6 +498,20 @@ async fn admit(
             (id, token_fingerprint, ReserveMode::Reconnect)
         }
     };
+
+    if expired_reconnect {
+        let still_registered = gw
+            .registry
+            .participants(&claims.space_id)
+            .await
+            .map(|ps| ps.iter().any(|(p, _)| p == &participant_id))
+            .unwrap_or(false);
+        if !still_registered
+            && !gw.departed_recently(&claims.space_id, &participant_id, &credential)
+        {
+            return Err(join_error(JoinErrorType::InvalidJwt, "token has expired"));
+        }
+    }
 
     let connection_id = ConnectionId::new(random_base62(32))
         .map_err(|_| join_error(JoinErrorType::Unknown, "id"))?;
@@ -517,6 +582,7 @@ async fn admit(
         sdp: format!("v=0\r\no=- {} 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", now),
     }];
     Ok(Admitted {
+        credential,
         space: claims.space_id,
         joiner: Joiner {
             connection_id,
@@ -537,6 +603,7 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
     let Admitted {
         space,
         joiner,
+        credential,
         kill,
         mut rx,
     } = a;
@@ -612,6 +679,7 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
         Box::pin(close_gracefully(&mut socket, code)).await;
     }
     lock(&gw.conns).remove(&conn);
+    gw.record_departure(&space, &participant, credential);
     gw.with_space(&space, |s, out| s.leave(&conn, out));
     if let Err(e) = gw.registry.release(&space, &participant, &conn).await {
         tracing::error!(error = %e, "registry release failed");

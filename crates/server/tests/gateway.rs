@@ -844,3 +844,60 @@ async fn a_space_with_participants_cannot_be_deleted_even_before_the_store_knows
             .expect("delete");
     assert_eq!(res.status(), 204);
 }
+
+#[tokio::test]
+async fn reconnects_may_use_a_recently_expired_token() {
+    let fx = Fx::with(GatewayConfig {
+        leeway_secs: 0,
+        ..Default::default()
+    })
+    .await;
+    let reconnect = |id: &str| JoinOptions {
+        reconnect_id: Some(id.into()),
+        reconnect_attempt: Some(1),
+        ..Default::default()
+    };
+
+    // A participant named in the token, still registered (the server has not noticed its
+    // drop): the SDK's reconnect with a token that expired a minute ago gets back in.
+    let _alice = fx.join("alice").await;
+    let expired_alice = fx.token_for(&fx.space, Some("alice"), Role::Publisher, -60);
+    let (kind, message, _) = refused(fx.join_with(&expired_alice, JoinOptions::default()).await);
+    assert_eq!(kind, 6);
+    assert!(
+        message.contains("expired"),
+        "a fresh join with it is refused: {message}"
+    );
+    let back = fx
+        .join_with(&expired_alice, reconnect("alice"))
+        .await
+        .expect("reconnect within the grace");
+    assert_eq!(back.joined().participant_id, "alice");
+
+    // Someone who was never here cannot use an expired token, reconnect_id or not.
+    let expired_zed = fx.token_for(&fx.space, Some("zed"), Role::Publisher, -60);
+    let (kind, _, _) = refused(fx.join_with(&expired_zed, reconnect("zed")).await);
+    assert_eq!(kind, 6);
+    // Nor anyone past the grace period (5 minutes).
+    let stale = fx.token_for(&fx.space, Some("alice"), Role::Publisher, -400);
+    let (kind, _, _) = refused(fx.join_with(&stale, reconnect("alice")).await);
+    assert_eq!(kind, 6);
+
+    // A server-made participant that left, coming back with the very token it joined with
+    // after that token expired.
+    let anon_token = fx.token_for(&fx.space, None, Role::Publisher, 1);
+    let anon = fx
+        .join_with(&anon_token, JoinOptions::default())
+        .await
+        .expect("valid now");
+    let anon_id = anon.joined().participant_id.clone();
+    anon.leave().await;
+    tokio::time::sleep(Duration::from_millis(2100)).await; // past the token's one-second life
+    let (kind, _, _) = refused(fx.join_with(&anon_token, JoinOptions::default()).await);
+    assert_eq!(kind, 6, "expired for a fresh join");
+    let again = fx
+        .join_with(&anon_token, reconnect(&anon_id))
+        .await
+        .expect("recently departed");
+    assert_eq!(again.joined().participant_id, anon_id);
+}
