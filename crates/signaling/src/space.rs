@@ -2,9 +2,9 @@ use std::sync::Arc;
 
 use spacegate_proto::signaling::{
     ClientMessage, ConnectionRef, CustomEvent, CustomEventRequest, Envelope, ErrorBody, IceServer,
-    Joined, Limits, MAX_CUSTOM_EVENT_PAYLOAD, MAX_DISPLAY_NAME, Participant, ParticipantRole,
-    ParticipantStatus, ParticipantUpdate, PendingTrack, RequestErrorType, ServerMessage,
-    SfuDescription, Simulcast, Track, TrackRef, TrackRefEvent,
+    Joined, Limits, MAX_CUSTOM_EVENT_PAYLOAD, MAX_DISPLAY_NAME, Participant, ParticipantStatus,
+    ParticipantUpdate, PendingTrack, RequestErrorType, ServerMessage, SfuDescription, Simulcast,
+    Track, TrackRef, TrackRefEvent,
 };
 use spacegate_proto::{ConnectionId, ParticipantId, Role, SessionId, SpaceId};
 
@@ -75,8 +75,6 @@ struct Member {
     tracks: Vec<Track>,
     /// Announced with `pending_track` (mid → track), not yet published by the media plane.
     pending: Vec<(String, Track)>,
-    #[allow(dead_code)] // read by the media plane's automatic subscriptions
-    managed_subscriptions: u8,
     custom_events: TokenBucket,
     last_name_change_ms: Option<u64>,
 }
@@ -128,18 +126,6 @@ impl Space {
 
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.members.len()
-    }
-
-    pub fn session_id(&self) -> Option<&SessionId> {
-        self.session_id.as_ref()
-    }
-
-    pub fn contains(&self, connection: &ConnectionId) -> bool {
-        self.index(connection).is_some()
     }
 
     fn index(&self, connection: &ConnectionId) -> Option<usize> {
@@ -216,7 +202,6 @@ impl Space {
             },
             tracks: Vec::new(),
             pending: Vec::new(),
-            managed_subscriptions: joiner.managed_subscriptions,
             custom_events: TokenBucket::new(
                 self.config.limits.custom_events_per_second,
                 self.config.limits.custom_events_per_second,
@@ -588,17 +573,5 @@ impl Space {
             None,
         );
         self.to_others(connection, &f, out);
-    }
-
-    /// The participant ids in the space, in join order.
-    pub fn participant_ids(&self) -> impl Iterator<Item = (&ConnectionId, &ParticipantId)> {
-        self.members
-            .iter()
-            .map(|m| (&m.connection_id, &m.participant_id))
-    }
-
-    /// Role as the SDK numbers it, for a connection in the space.
-    pub fn role(&self, connection: &ConnectionId) -> Option<ParticipantRole> {
-        self.index(connection).map(|i| self.members[i].role.into())
     }
 }
