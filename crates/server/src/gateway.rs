@@ -460,7 +460,8 @@ async fn admit(
     // Who this participant is, and what lets a reconnect take over a stale connection:
     // a token that names the participant proves identity by itself; a server-made id is
     // bound to the exact token it was made for (the SDK reconnects with the same token).
-    let token_fingerprint = {
+    // Only server-made ids need it, so it is computed only for them.
+    let token_fingerprint = || {
         use std::fmt::Write as _;
         let mut hex = String::with_capacity(64);
         for b in crate::tokens::hash_secret(&token) {
@@ -485,7 +486,7 @@ async fn admit(
         (None, None) => (
             ParticipantId::new(random_base62(32))
                 .map_err(|_| join_error(JoinErrorType::Unknown, "id"))?,
-            token_fingerprint,
+            token_fingerprint(),
             ReserveMode::Fresh,
         ),
         (None, Some(r)) => {
@@ -495,7 +496,7 @@ async fn admit(
                     format!("invalid reconnect_id: {e}"),
                 )
             })?;
-            (id, token_fingerprint, ReserveMode::Reconnect)
+            (id, token_fingerprint(), ReserveMode::Reconnect)
         }
     };
 
