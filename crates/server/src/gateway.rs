@@ -55,6 +55,7 @@ pub struct GatewayConfig {
     /// with. The SDK cannot fetch a new token mid-reconnect, so without this a network blip
     /// late in a meeting would end it for good.
     pub reconnect_grace: Duration,
+    pub media: crate::media::MediaConfig,
 }
 
 impl Default for GatewayConfig {
@@ -68,6 +69,7 @@ impl Default for GatewayConfig {
             inbound_per_second: 50,
             leeway_secs: 30,
             reconnect_grace: Duration::from_secs(300),
+            media: crate::media::MediaConfig::default(),
         }
     }
 }
@@ -103,6 +105,7 @@ pub struct Gateway {
     activity: mpsc::UnboundedSender<Activity>,
     drain: watch::Sender<bool>,
     started: Instant,
+    pub media: crate::media::MediaHandle,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -120,13 +123,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Gateway {
-    /// Creates the gateway and spawns the task that applies idle/active transitions to
-    /// the store in the order they happened.
+    /// Creates the gateway, binds the media socket, and spawns the media task and the task
+    /// that applies idle/active transitions to the store in the order they happened.
     pub fn new(
         registry: Arc<dyn Registry>,
         store: Arc<dyn spacegate_store::Store>,
         config: GatewayConfig,
-    ) -> Arc<Self> {
+    ) -> std::io::Result<Arc<Self>> {
+        let (socket, local_addr, candidate) = crate::media::bind(&config.media)?;
         let (activity, mut rx) = mpsc::unbounded_channel::<Activity>();
         tokio::spawn(async move {
             while let Some(a) = rx.recv().await {
@@ -141,16 +145,21 @@ impl Gateway {
                 }
             }
         });
-        Arc::new(Gateway {
-            registry,
-            config,
-            spaces: Mutex::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
-            departed: Mutex::new(HashMap::new()),
-            activity,
-            drain: watch::channel(false).0,
-            started: Instant::now(),
-        })
+        let (media_tx, media_rx) = crate::media::channel();
+        Ok(Arc::new_cyclic(|weak| {
+            crate::media::spawn(socket, candidate, media_rx, weak.clone());
+            Gateway {
+                registry,
+                config,
+                spaces: Mutex::new(HashMap::new()),
+                conns: Mutex::new(HashMap::new()),
+                departed: Mutex::new(HashMap::new()),
+                activity,
+                drain: watch::channel(false).0,
+                started: Instant::now(),
+                media: crate::media::handle(media_tx, local_addr, candidate),
+            }
+        }))
     }
 
     /// Milliseconds on the gateway's monotonic clock: the virtual time the sans-IO parts
@@ -212,8 +221,29 @@ impl Gateway {
         }
     }
 
+    /// Queues one frame for one connection; a full queue disconnects it.
+    pub(crate) fn send_frame(&self, to: &ConnectionId, frame: Arc<str>) {
+        if let Some(c) = lock(&self.conns).get(to)
+            && c.tx.try_send(frame).is_err()
+        {
+            c.kill.notify_one();
+        }
+    }
+
+    /// Like `with_space`, but only if the space is live: media events for a space that
+    /// emptied meanwhile must not resurrect it.
+    pub(crate) fn with_existing_space(
+        &self,
+        id: &SpaceId,
+        f: impl FnOnce(&mut Space, &mut Vec<Output>),
+    ) {
+        if lock(&self.spaces).contains_key(id) {
+            self.with_space(id, f);
+        }
+    }
+
     /// Runs `f` on the space's state (created on first use) and delivers its outputs.
-    fn with_space(&self, id: &SpaceId, f: impl FnOnce(&mut Space, &mut Vec<Output>)) {
+    pub(crate) fn with_space(&self, id: &SpaceId, f: impl FnOnce(&mut Space, &mut Vec<Output>)) {
         let mut out = Vec::new();
         loop {
             let slot = lock(&self.spaces)
@@ -274,9 +304,11 @@ impl Gateway {
                     let _ = self.activity.send(Activity::Idle(space.clone()));
                 }
                 Output::Media { from, message } => {
-                    // The media plane (SFU) arrives with the media issue; until then
-                    // publishing negotiation goes unanswered.
-                    tracing::debug!(%from, kind = message_kind(&message), "no media plane yet");
+                    tracing::trace!(%from, kind = message_kind(&message), "to the media plane");
+                    self.media.send(crate::media::Command::Message {
+                        member: from,
+                        message,
+                    });
                 }
             }
         }
@@ -613,7 +645,17 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
     let session = SessionId::new(random_base62(24))
         .unwrap_or_else(|_| SessionId::new("session").expect("valid"));
     let now = gw.now_ms();
+    let mode = match joiner.managed_subscriptions {
+        0 => spacegate_sfu::SubscriptionMode::Manual,
+        n => spacegate_sfu::SubscriptionMode::Automatic(n),
+    };
     gw.with_space(&space, |s, out| s.join(joiner, session, now, out));
+    // After the join: the media plane may offer tracks only to a client that knows them.
+    gw.media.send(crate::media::Command::Join {
+        room: space.clone(),
+        member: conn.clone(),
+        mode,
+    });
 
     let mut drain = gw.drain.subscribe();
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -682,6 +724,9 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
     lock(&gw.conns).remove(&conn);
     gw.record_departure(&space, &participant, credential);
     gw.with_space(&space, |s, out| s.leave(&conn, out));
+    gw.media.send(crate::media::Command::Leave {
+        member: conn.clone(),
+    });
     if let Err(e) = gw.registry.release(&space, &participant, &conn).await {
         tracing::error!(error = %e, "registry release failed");
     }

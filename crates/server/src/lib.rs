@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod ids;
 pub mod join;
 pub mod keys;
+pub mod media;
 pub mod tokens;
 
 use std::future::Future;
@@ -34,7 +35,7 @@ pub struct AppState {
 impl AppState {
     /// A single-node state: in-memory registry, default gateway settings. Must be called
     /// inside a Tokio runtime (the gateway spawns its store-update task).
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>) -> std::io::Result<Self> {
         Self::with_gateway(
             store,
             Arc::new(spacegate_session::MemoryRegistry::default()),
@@ -46,13 +47,13 @@ impl AppState {
         store: Arc<dyn Store>,
         registry: Arc<dyn spacegate_session::Registry>,
         config: gateway::GatewayConfig,
-    ) -> Self {
-        Self {
-            gateway: gateway::Gateway::new(registry, store.clone(), config),
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            gateway: gateway::Gateway::new(registry, store.clone(), config)?,
             store,
             keys: Arc::new(keys::KeyCache::default()),
             ready: Arc::new(AtomicBool::new(true)),
-        }
+        })
     }
 
     pub fn is_ready(&self) -> bool {

@@ -197,7 +197,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_participants: config.max_participants,
             ..GatewayConfig::default()
         },
-    );
+    )
+    .context("binding the media socket")?;
     spacegate_server::run(state, listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

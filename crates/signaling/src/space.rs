@@ -1,10 +1,10 @@
 use std::sync::Arc;
 
 use spacegate_proto::signaling::{
-    ClientMessage, ConnectionRef, CustomEvent, CustomEventRequest, Envelope, ErrorBody, IceServer,
-    Joined, Limits, MAX_CUSTOM_EVENT_PAYLOAD, MAX_DISPLAY_NAME, Participant, ParticipantStatus,
-    ParticipantUpdate, PendingTrack, RequestErrorType, ServerMessage, SfuDescription, Simulcast,
-    Track, TrackRef, TrackRefEvent,
+    ActiveSpeakers, ClientMessage, ConnectionRef, CustomEvent, CustomEventRequest, Envelope,
+    ErrorBody, IceServer, Joined, Limits, MAX_CUSTOM_EVENT_PAYLOAD, MAX_DISPLAY_NAME, Participant,
+    ParticipantStatus, ParticipantUpdate, PendingTrack, RequestErrorType, ServerMessage,
+    SfuDescription, Simulcast, SpeakingTrack, Track, TrackRef, TrackRefEvent,
 };
 use spacegate_proto::{ConnectionId, ParticipantId, Role, SessionId, SpaceId};
 
@@ -442,6 +442,39 @@ impl Space {
             ServerMessage::TrackUnmuted(event)
         };
         self.to_others(&author, &frame(message, None), out);
+        // The media plane ranks unmuted publishers first in automatic subscriptions.
+        out.push(Output::Media {
+            from: author,
+            message: if muted {
+                ClientMessage::MuteTrack(tid.to_string())
+            } else {
+                ClientMessage::UnmuteTrack(tid.to_string())
+            },
+        });
+    }
+
+    /// The media plane's speaker list, to everyone (the SDK also accepts its own
+    /// connection, which makes the local participant emit speaking events).
+    pub fn active_speakers(&mut self, tracks: Vec<SpeakingTrack>, out: &mut Vec<Output>) {
+        // Entries of members that left between detection and now would be noise.
+        let tracks = tracks
+            .into_iter()
+            .filter(|t| {
+                self.members
+                    .iter()
+                    .any(|m| m.connection_id.as_str() == t.connection_id)
+            })
+            .collect();
+        let f = frame(
+            ServerMessage::ActiveSpeakers(ActiveSpeakers { tracks }),
+            None,
+        );
+        for m in &self.members {
+            out.push(Output::Send {
+                to: m.connection_id.clone(),
+                frame: f.clone(),
+            });
+        }
     }
 
     fn pending_track(&mut self, i: usize, p: PendingTrack, out: &mut Vec<Output>) {

@@ -44,7 +44,8 @@ async function launch() {
       '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
       '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
-      '--allow-loopback-in-peer-connection',
+      '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
+      '--use-fake-device-for-media-stream=fps=30',
     ],
   });
   return {
@@ -70,15 +71,38 @@ async function join(context, pageUrl, wsBase, token, options = {}) {
     window.WebSocket = class extends NativeWebSocket {
       constructor(...args) { super(...args); window.sockets += 1; }
     };
+    // Every peer connection the SDK makes, so tests can read their stats.
+    const NativePc = window.RTCPeerConnection;
+    window.pcs = [];
+    window.RTCPeerConnection = class extends NativePc {
+      constructor(...args) { super(...args); window.pcs.push(this); }
+    };
     window.MUX_SPACES_BACKEND_URL = wsBase;
     const { Space, SpaceEvent } = window.MuxSpaces;
     window.events = [];
     const space = new Space(token, options);
     window.space = space;
-    space.on(SpaceEvent.ParticipantJoined, (p) => window.events.push(['joined', p.id, p.displayName]));
+    window.people = {};
+    space.on(SpaceEvent.ParticipantJoined, (p) => {
+      window.people[p.id] = p;
+      window.events.push(['joined', p.id, p.displayName]);
+    });
     space.on(SpaceEvent.ParticipantLeft, (p) => window.events.push(['left', p.id]));
     space.on(SpaceEvent.ParticipantDisplayNameChanged, (p) => window.events.push(['name', p.id, p.displayName]));
     space.on(SpaceEvent.ParticipantCustomEventPublished, (p, e) => window.events.push(['custom', p.id, e.payload]));
+    window.remote = {};
+    // The SDK's TrackKind is numeric (1 audio, 2 video); tests speak in names.
+    const kindName = (k) => ({ 1: 'audio', 2: 'video' }[k] || String(k));
+    space.on(SpaceEvent.ParticipantTrackSubscribed, (p, t) => {
+      window.events.push(['subscribed', p.id, kindName(t.kind)]);
+      window.remote[`${p.id}/${kindName(t.kind)}`] = t;
+    });
+    space.on(SpaceEvent.ParticipantTrackUnsubscribed, (p, t) => window.events.push(['unsubscribed', p.id, kindName(t.kind)]));
+    space.on(SpaceEvent.ParticipantTrackPublished, (p, t) => window.events.push(['published', p.id, kindName(t.kind)]));
+    space.on(SpaceEvent.ParticipantTrackUnpublished, (p, t) => window.events.push(['unpublished', p.id, kindName(t.kind)]));
+    space.on(SpaceEvent.ParticipantTrackMuted, (p, t) => window.events.push(['muted', p.id, kindName(t.kind)]));
+    space.on(SpaceEvent.ParticipantTrackUnmuted, (p, t) => window.events.push(['unmuted', p.id, kindName(t.kind)]));
+    space.on(SpaceEvent.ActiveSpeakersChanged, (s) => window.events.push(['speakers', s.map((x) => x.id).join(',')]));
     try {
       const me = await space.join();
       window.me = me;
@@ -90,9 +114,51 @@ async function join(context, pageUrl, wsBase, token, options = {}) {
   return { page, result };
 }
 
+/** Publishes the fake camera and microphone. Resolves with the local track kinds. */
+async function publish(page, constraints = { audio: true, video: true }) {
+  return page.evaluate(async (c) => {
+    const tracks = await window.MuxSpaces.getUserMedia(c);
+    window.localTracks = tracks;
+    await window.me.publishTracks(tracks);
+    return tracks.map((t) => ({ 1: 'audio', 2: 'video' }[t.kind] || String(t.kind)));
+  }, constraints);
+}
+
+/** Sums inbound RTP over every peer connection of the page: {video: {...}, audio: {...}}. */
+async function inbound(page) {
+  return page.evaluate(async () => {
+    const sum = { video: { framesDecoded: 0, packetsReceived: 0, streams: 0 }, audio: { packetsReceived: 0, streams: 0 } };
+    for (const pc of window.pcs) {
+      if (pc.connectionState === 'closed') continue;
+      const stats = await pc.getStats();
+      stats.forEach((s) => {
+        if (s.type !== 'inbound-rtp') return;
+        const k = sum[s.kind];
+        if (!k) return;
+        k.streams += 1;
+        k.packetsReceived += s.packetsReceived || 0;
+        if (s.kind === 'video') k.framesDecoded += s.framesDecoded || 0;
+      });
+    }
+    return sum;
+  });
+}
+
+/** Waits (bounded) until `check(inbound stats)` holds; returns the stats. */
+async function waitForStats(page, check, timeout = 20000) {
+  const deadline = Date.now() + timeout;
+  let last;
+  while (Date.now() < deadline) {
+    last = await inbound(page);
+    if (check(last)) return last;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`stats never satisfied the check: ${JSON.stringify(last)}`);
+}
+
 /** Waits (bounded) until the page has recorded an event matching `match`. */
 async function waitForEvent(page, match, timeout = 10000) {
   await page.waitForFunction((m) => window.events.some((e) => m.every((v, i) => v === null || e[i] === v)), match, { timeout });
 }
 
-module.exports = { unavailable, serveStatic, launch, join, waitForEvent };
+module.exports = { unavailable, serveStatic, launch, join, waitForEvent, publish, inbound, waitForStats };

@@ -37,7 +37,8 @@ impl TestServer {
             Arc::new(store),
             Arc::new(spacegate_session::MemoryRegistry::default()),
             config,
-        );
+        )
+        .expect("media socket");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

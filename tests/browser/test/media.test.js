@@ -1,0 +1,130 @@
+// @mux/spaces-web 1.2.0, unmodified, in headless Chromium: media through spacegate's SFU.
+'use strict';
+const { test, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const { startServer } = require('../../clients/test/harness');
+const { unavailable, serveStatic, launch, join, waitForEvent, publish, inbound, waitForStats } = require('./page');
+
+const missing = unavailable();
+if (missing && process.env.SPACEGATE_REQUIRE_ALL === '1') {
+  throw new Error(`browser tests cannot run: ${missing}, and SPACEGATE_REQUIRE_ALL=1`);
+}
+if (missing) console.log(`SKIP browser media tests: ${missing}`);
+
+let server; let site; let browser; let mux; let key; let wsBase;
+before(async () => {
+  if (missing) return;
+  server = await startServer();
+  wsBase = server.url.replace('http://', 'ws://');
+  const Mux = require('../../clients/node_modules/mux-node-8');
+  mux = new Mux({ tokenId: server.tokenId, tokenSecret: server.tokenSecret, baseURL: server.url });
+  key = await mux.system.signingKeys.create();
+  site = await serveStatic();
+  browser = await launch();
+});
+after(async () => {
+  if (browser) await browser.close();
+  if (site) site.close();
+  if (server) server.stop();
+});
+
+const sign = (spaceId, params) =>
+  mux.jwt.signSpaceId(spaceId, { keyId: key.id, keySecret: key.private_key, expiration: '1h', params });
+
+const ARTIFACTS = path.join(__dirname, '../artifacts');
+
+test('two publishers see and hear each other; mute reaches the other page', { skip: missing || false }, async () => {
+  const space = await mux.video.spaces.create();
+  const a = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'alice' }));
+  assert.equal(a.result.ok, true, JSON.stringify(a.result));
+  const b = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'bob' }));
+  assert.equal(b.result.ok, true, JSON.stringify(b.result));
+  assert.deepEqual((await publish(a.page)).sort(), ['audio', 'video']);
+  assert.deepEqual((await publish(b.page)).sort(), ['audio', 'video']);
+
+  for (const [page, other] of [[a.page, 'bob'], [b.page, 'alice']]) {
+    await waitForEvent(page, ['subscribed', other, 'video'], 20000);
+    await waitForEvent(page, ['subscribed', other, 'audio'], 20000);
+  }
+  // Frames decode (so keyframes reached the late subscriber) and audio flows, both ways.
+  const sa = await waitForStats(a.page, (s) => s.video.framesDecoded > 30 && s.audio.packetsReceived > 50);
+  const sb = await waitForStats(b.page, (s) => s.video.framesDecoded > 30 && s.audio.packetsReceived > 50);
+  // And keeps flowing.
+  await waitForStats(a.page, (s) => s.video.framesDecoded > sa.video.framesDecoded + 30);
+  await waitForStats(b.page, (s) => s.audio.packetsReceived > sb.audio.packetsReceived + 50);
+
+  // Mute / unmute of alice's camera reaches bob as the SDK's events.
+  await a.page.evaluate(() => window.localTracks.find((t) => t.kind === 2).mute());
+  await waitForEvent(b.page, ['muted', 'alice', 'video']);
+  await a.page.evaluate(() => window.localTracks.find((t) => t.kind === 2).unMute());
+  await waitForEvent(b.page, ['unmuted', 'alice', 'video']);
+
+  // A page with two remote videos, as an artifact (not asserted on pixels).
+  const c = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'carol' }));
+  assert.equal(c.result.ok, true);
+  await waitForEvent(c.page, ['subscribed', 'alice', 'video'], 20000);
+  await waitForEvent(c.page, ['subscribed', 'bob', 'video'], 20000);
+  await waitForStats(c.page, (s) => s.video.framesDecoded > 20);
+  await c.page.evaluate(async () => {
+    for (const t of Object.values(window.remote).filter((t) => t.kind === 2)) {
+      const v = document.createElement('video');
+      v.autoplay = true; v.muted = true; v.width = 320; v.height = 240;
+      document.body.append(v);
+      t.attach(v);
+      await new Promise((r) => { if (v.readyState >= 2) r(); else v.onloadeddata = r; });
+    }
+  });
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+  await c.page.screenshot({ path: path.join(ARTIFACTS, 'two-remote-videos.png') });
+
+  await Promise.all([a.page.close(), b.page.close(), c.page.close()]);
+});
+
+test('a subscriber-role participant sees the publisher and cannot publish', { skip: missing || false }, async () => {
+  const space = await mux.video.spaces.create();
+  const pub = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'pub' }));
+  await publish(pub.page);
+  const sub = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'viewer', role: 'subscriber' }));
+  assert.equal(sub.result.ok, true, JSON.stringify(sub.result));
+  await waitForEvent(sub.page, ['subscribed', 'pub', 'video'], 20000);
+  await waitForStats(sub.page, (s) => s.video.framesDecoded > 20);
+  const refused = await sub.page.evaluate(async () => {
+    try {
+      await window.me.publishTracks(await window.MuxSpaces.getUserMedia({ audio: true }));
+      return null;
+    } catch (e) { return e.constructor.name; }
+  });
+  assert.equal(refused, 'PublishTrackError');
+  await Promise.all([pub.page.close(), sub.page.close()]);
+});
+
+test('manual mode: nothing until subscribe(), and unsubscribe() stops it', { skip: missing || false }, async () => {
+  const space = await mux.video.spaces.create();
+  const pub = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'm-pub' }));
+  await publish(pub.page);
+  const viewer = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'm-viewer' }),
+    { subscriptionMode: 'MANUAL' });
+  assert.equal(viewer.result.ok, true, JSON.stringify(viewer.result));
+  await waitForEvent(viewer.page, ['joined', 'm-pub', null]);
+  // Published but not subscribed: nothing arrives, watched over two seconds (an absence
+  // can only be asserted over a window).
+  const until = Date.now() + 2000;
+  while (Date.now() < until) {
+    const s = await inbound(viewer.page);
+    assert.equal(s.video.packetsReceived + s.audio.packetsReceived, 0, 'media before subscribe()');
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  await viewer.page.evaluate(async () => {
+    const p = window.people['m-pub'];
+    await p.subscribe();
+  });
+  await waitForStats(viewer.page, (s) => s.video.framesDecoded > 10);
+  await viewer.page.evaluate(async () => {
+    const p = window.people['m-pub'];
+    await p.unsubscribe();
+  });
+  await waitForEvent(viewer.page, ['unsubscribed', 'm-pub', 'video'], 20000);
+  await Promise.all([pub.page.close(), viewer.page.close()]);
+});
