@@ -3,6 +3,7 @@
 //! end-to-end tests, bots and the `spacegate-load` generator. Media (webrtc-rs) arrives
 //! with the media issue.
 
+pub mod media;
 mod rest;
 mod signaling;
 

@@ -155,8 +155,10 @@ pub struct SfuStats {
     pub dropped_datagrams: u64,
 }
 
-/// A published track: (publisher slab index, publisher mid).
-type TrackKey = (usize, Mid);
+/// A published track: (publisher slab index, publisher's join number, publisher mid).
+/// The join number keeps a slot of a departed member from matching the next member
+/// that reuses its index and mids (a reconnect re-publishes on the same mids).
+type TrackKey = (usize, u64, Mid);
 
 #[derive(Debug)]
 struct Peer {
@@ -815,7 +817,7 @@ impl Sfu {
     /// Asks the publisher of `track` for a keyframe on `rid`, at most once per interval.
     fn request_keyframe(
         &mut self,
-        (p, mid): TrackKey,
+        (p, generation, mid): TrackKey,
         rid: Option<Rid>,
         kind: KeyframeRequestKind,
         now: Instant,
@@ -824,6 +826,9 @@ impl Sfu {
         let Some(Some(pm)) = self.members.get_mut(p) else {
             return;
         };
+        if pm.joined_seq != generation {
+            return;
+        }
         let Some(track) = pm.tracks.get_mut(&mid) else {
             return;
         };
@@ -865,7 +870,7 @@ impl Sfu {
 
     /// One received frame from a publisher, written to every subscriber of its track.
     fn forward(&mut self, p: usize, data: MediaData, now: Instant) {
-        let key = (p, data.mid);
+        let key = (p, self.member(p).joined_seq, data.mid);
         let (kind, keyframe) = {
             let pm = self.member_mut(p);
             let Some(track) = pm.tracks.get_mut(&data.mid) else {
@@ -1006,7 +1011,7 @@ impl Sfu {
                 .tracks
                 .iter()
                 .filter(|(_, t)| t.active)
-                .map(|(mid, t)| ((p, *mid), t.kind, t.tid.clone()))
+                .map(|(mid, t)| ((p, pm.joined_seq, *mid), t.kind, t.tid.clone()))
                 .collect();
             v.sort_by(|a, b| a.2.cmp(&b.2));
             v
@@ -1117,12 +1122,16 @@ impl Sfu {
         }
         let mut added = Vec::new();
         for ((key, kind, tid), layer) in missing {
-            // The stream id is what the SDK matches on: it must be the publisher's tid.
+            // The stream id is what the SDK matches on: it must be the publisher's tid. The
+            // track id must be unique in the session: a re-published tid (reconnect) gets a
+            // new section next to its old inactive one, and Chrome refuses an offer whose
+            // msid repeats.
+            let track_id = format!("{tid}-{}", m.slots.len() + added.len());
             let mid = api.add_media(
                 (*kind).into(),
                 Direction::SendOnly,
                 Some(tid.clone()),
-                Some(format!("{tid}-track")),
+                Some(track_id),
                 None,
             );
             added.push(Slot {
@@ -1157,8 +1166,12 @@ impl Sfu {
 
     /// The simulcast layer to forward of `track`: the highest one that sent media lately,
     /// so a publisher that drops a layer (congestion, CPU) keeps its viewers on another.
-    fn best_layer(&self, (p, mid): TrackKey, now: Instant) -> Option<Rid> {
-        let t = self.member(p).tracks.get(&mid)?;
+    fn best_layer(&self, (p, generation, mid): TrackKey, now: Instant) -> Option<Rid> {
+        let pm = self.members.get(p)?.as_ref()?;
+        if pm.joined_seq != generation {
+            return None;
+        }
+        let t = pm.tracks.get(&mid)?;
         let fresh = |r: &Rid| {
             t.live_rids
                 .get(r)

@@ -128,3 +128,63 @@ test('manual mode: nothing until subscribe(), and unsubscribe() stops it', { ski
   await waitForEvent(viewer.page, ['unsubscribed', 'm-pub', 'video'], 20000);
   await Promise.all([pub.page.close(), viewer.page.close()]);
 });
+
+test('automatic mode with automaticParticipantLimit 2 and 4 publishers: at most 2 remote videos', { skip: missing || false }, async () => {
+  const space = await mux.video.spaces.create();
+  const pubs = [];
+  for (const id of ['p1', 'p2', 'p3', 'p4']) {
+    // Publishers subscribe to nothing (manual mode), to spare the 2-core CI machine.
+    const p = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: id }),
+      { subscriptionMode: 'MANUAL' });
+    assert.equal(p.result.ok, true, JSON.stringify(p.result));
+    await publish(p.page, { audio: true, video: { width: 320, height: 240 } });
+    pubs.push(p);
+  }
+  const viewer = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'auto-viewer' }),
+    { automaticParticipantLimit: 2 });
+  assert.equal(viewer.result.ok, true, JSON.stringify(viewer.result));
+  await viewer.page.waitForFunction(
+    () => window.events.filter((e) => e[0] === 'subscribed' && e[2] === 'video').length >= 2, null, { timeout: 20000 });
+  await waitForStats(viewer.page, (s) => s.video.framesDecoded > 20);
+  // Never more than two, watched over two seconds.
+  const until = Date.now() + 2000;
+  while (Date.now() < until) {
+    const videos = await viewer.page.evaluate(() => {
+      const live = new Set();
+      for (const e of window.events) {
+        if (e[2] !== 'video') continue;
+        if (e[0] === 'subscribed') live.add(e[1]);
+        if (e[0] === 'unsubscribed') live.delete(e[1]);
+      }
+      return live.size;
+    });
+    assert.ok(videos <= 2, `${videos} remote videos subscribed`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  await Promise.all([...pubs.map((p) => p.page.close()), viewer.page.close()]);
+});
+
+test('reconnect: a dropped socket comes back with its participant_id and tracks, and video resumes', { skip: missing || false }, async () => {
+  const space = await mux.video.spaces.create();
+  const a = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'r-alice' }));
+  const b = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'r-bob' }));
+  await publish(a.page);
+  await waitForEvent(b.page, ['subscribed', 'r-alice', 'video'], 20000);
+  await waitForStats(b.page, (s) => s.video.framesDecoded > 10);
+  await a.page.evaluate(() => {
+    window.reconnected = false;
+    window.space.on(window.MuxSpaces.SpaceEvent.LocalParticipantReconnected, () => { window.reconnected = true; });
+    // The network drops the socket: a close that is not 4000 makes the SDK reconnect.
+    window.lastSocket.close(3000, 'network drop');
+  });
+  await a.page.waitForFunction(() => window.reconnected, null, { timeout: 20000 });
+  assert.equal(await a.page.evaluate(() => window.me.id), 'r-alice');
+  assert.equal(await a.page.evaluate(() => window.sockets), 2, 'one reconnect, no storm');
+  // Bob sees alice's re-published video decode again.
+  await b.page.waitForFunction(
+    () => window.events.filter((e) => e[0] === 'subscribed' && e[1] === 'r-alice' && e[2] === 'video').length >= 2,
+    null, { timeout: 20000 });
+  const before = await inbound(b.page);
+  await waitForStats(b.page, (s) => s.video.framesDecoded > before.video.framesDecoded + 20);
+  await Promise.all([a.page.close(), b.page.close()]);
+});

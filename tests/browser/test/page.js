@@ -69,7 +69,7 @@ async function join(context, pageUrl, wsBase, token, options = {}) {
     const NativeWebSocket = window.WebSocket;
     window.sockets = 0;
     window.WebSocket = class extends NativeWebSocket {
-      constructor(...args) { super(...args); window.sockets += 1; }
+      constructor(...args) { super(...args); window.sockets += 1; window.lastSocket = this; }
     };
     // Every peer connection the SDK makes, so tests can read their stats.
     const NativePc = window.RTCPeerConnection;
