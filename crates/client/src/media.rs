@@ -689,6 +689,8 @@ pub struct RecvStats {
     pub payload_bytes: u64,
     /// The first 64 RTP payloads, as received (VP8 still has its payload descriptor).
     pub first_payloads: Vec<Bytes>,
+    /// The latest payload.
+    pub last_payload: Bytes,
     /// The SSRC of the latest packet.
     pub ssrc: u32,
     /// Packets that start a VP8 key frame.
@@ -731,6 +733,7 @@ impl SubShared {
         if entry.first_payloads.len() < KEPT_PAYLOADS {
             entry.first_payloads.push(packet.payload.clone());
         }
+        entry.last_payload = packet.payload.clone();
         if let Some(rid) = rid {
             *entry.packets_by_rid.entry(rid.clone()).or_default() += 1;
         }

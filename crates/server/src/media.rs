@@ -135,6 +135,8 @@ pub fn spawn(
     mut rx: mpsc::UnboundedReceiver<Command>,
     gateway: Weak<Gateway>,
 ) {
+    use tracing::Instrument as _;
+    let span = tracing::debug_span!("media", %candidate);
     tokio::spawn(async move {
         let socket = match UdpSocket::from_std(socket) {
             Ok(s) => s,
@@ -166,7 +168,10 @@ pub fn spawn(
                     let Some(gw) = gateway.upgrade() else { return };
                     command(&mut sfu, &gw, c);
                 }
-                () = tokio::time::sleep_until(deadline) => sfu.handle_timeout(Instant::now()),
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::trace!("tick");
+                    sfu.handle_timeout(Instant::now())
+                }
             }
             while let Some(t) = sfu.poll_transmit() {
                 // A full socket buffer drops the datagram, as the network would; RTP
@@ -178,7 +183,7 @@ pub fn spawn(
                 event(&gw, e);
             }
         }
-    });
+    }.instrument(span));
 }
 
 fn frame(m: ServerMessage) -> Arc<str> {
@@ -195,6 +200,7 @@ fn error(message: impl Into<String>) -> Arc<str> {
 
 fn command(sfu: &mut Sfu, gw: &Gateway, c: Command) {
     let now = Instant::now();
+    tracing::debug!(?c, "media command");
     match c {
         Command::Join { room, member, mode } => sfu.join(room.as_str(), member.as_str(), mode, now),
         Command::Leave { member } => sfu.leave(member.as_str(), now),
@@ -292,6 +298,7 @@ fn subscriptions(
 }
 
 fn event(gw: &Gateway, e: SfuEvent) {
+    tracing::debug!(?e, "media event");
     let conn = |m: &str| ConnectionId::new(m).ok();
     let space = |r: &str| SpaceId::new(r).ok();
     match e {

@@ -153,6 +153,8 @@ pub struct SfuStats {
     pub forwarded_frames: u64,
     pub keyframe_requests_sent: u64,
     pub dropped_datagrams: u64,
+    /// Calls to `handle_timeout`: a busy loop shows here.
+    pub timer_wakeups: u64,
 }
 
 /// A published track: (publisher slab index, publisher's join number, publisher mid).
@@ -727,6 +729,7 @@ impl Sfu {
 
     /// Advances every peer whose timer is due, and the speaker detector.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.stats.timer_wakeups += 1;
         for i in 0..self.members.len() {
             for kind in [PeerKind::Publisher, PeerKind::Subscriber] {
                 let due = self.peer_mut(i, kind).is_some_and(|p| p.timeout <= now);

@@ -18,7 +18,7 @@ pub struct TestServer {
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 impl TestServer {
@@ -26,35 +26,59 @@ impl TestServer {
         Self::start_with(GatewayConfig::default()).await
     }
 
+    /// Starts the server on a runtime of its own (two workers, its own thread), as in
+    /// production: the test's clients (webrtc-rs among them) must not be able to starve
+    /// the server's tasks by occupying the runtime they share.
     pub async fn start_with(config: GatewayConfig) -> Self {
+        if let Ok(filter) = std::env::var("SPACEGATE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open_dir(dir.path()).await.expect("store");
-        let token = tokens::bootstrap(&store, "default", now_secs())
-            .await
-            .expect("bootstrap")
-            .expect("fresh store gets a token");
-        let state = AppState::with_gateway(
-            Arc::new(store),
-            Arc::new(spacegate_session::MemoryRegistry::default()),
-            config,
-        )
-        .expect("media socket");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let path = dir.path().to_path_buf();
+        let (ready, started) = oneshot::channel();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(spacegate_server::run(state.clone(), listener, async move {
-            let _ = stopped.await;
-        }));
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("server runtime");
+            rt.block_on(async move {
+                let store = SqliteStore::open_dir(&path).await.expect("store");
+                let token = tokens::bootstrap(&store, "default", now_secs())
+                    .await
+                    .expect("bootstrap")
+                    .expect("fresh store gets a token");
+                let state = AppState::with_gateway(
+                    Arc::new(store),
+                    Arc::new(spacegate_session::MemoryRegistry::default()),
+                    config,
+                )
+                .expect("media socket");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                let token = (token.id.to_string(), token.secret.expose().to_string());
+                let _ = ready.send((state.clone(), addr, token));
+                spacegate_server::run(state, listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+            })
+        });
+        let (state, addr, token) = started.await.expect("server started");
         TestServer {
             addr,
             state,
-            token: (token.id.to_string(), token.secret.expose().to_string()),
+            token,
             http: reqwest::Client::new(),
             _dir: dir,
             stop: Some(stop),
-            task: Some(task),
+            thread: Some(thread),
         }
     }
 
@@ -63,8 +87,12 @@ impl TestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            task.await.expect("server task").expect("server result");
+        if let Some(thread) = self.thread.take() {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .expect("join task")
+                .expect("server thread")
+                .expect("server result");
         }
     }
 

@@ -1,0 +1,596 @@
+//! Media end to end: native webrtc-rs participants against the server's str0m SFU over
+//! loopback, negotiating through the real gateway exactly as the browser SDK does.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::TestServer;
+use serde_json::json;
+use spacegate_auth::{PrivateKey, SignOptions, sign};
+use spacegate_client::JoinOptions;
+use spacegate_client::media::{PubPc, vp8_frame, vp8_payload_frame};
+use spacegate_client::participant::{
+    Participant, Synthetic, TrackSpec, audio_payload, layer_frame_len,
+};
+use spacegate_proto::Role;
+use spacegate_proto::signaling::{
+    CandidateMessage, CandidateTarget, ClientMessage, ConnectionTracks, ConnectionsRequest,
+    ServerMessage, SfuDescription, SigCandidate,
+};
+use spacegate_sfu::SfuStats;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Fx {
+    s: TestServer,
+    space: String,
+    kid: String,
+    key: PrivateKey,
+}
+
+impl Fx {
+    async fn new() -> Self {
+        let s = TestServer::start().await;
+        let space = s.create_space(json!({})).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let (kid, key) = s.signing_key().await;
+        Fx { s, space, kid, key }
+    }
+
+    fn token(&self, participant: &str, role: Role) -> String {
+        sign(
+            &self.key,
+            &SignOptions {
+                key_id: self.kid.parse().expect("kid"),
+                space_id: self.space.parse().expect("space"),
+                expires_at: (spacegate_server::now_secs() + 3600) as u64,
+                role,
+                participant_id: Some(participant.parse().expect("pid")),
+            },
+        )
+        .expect("sign")
+    }
+
+    async fn join_with(&self, participant: &str, managed: u8) -> Participant {
+        let options = JoinOptions {
+            managed_subscriptions: managed,
+            ..JoinOptions::default()
+        };
+        Participant::join(
+            &self.s.ws_base(),
+            &self.token(participant, Role::Publisher),
+            &options,
+        )
+        .await
+        .expect("join")
+    }
+
+    async fn join(&self, participant: &str) -> Participant {
+        self.join_with(participant, 16).await
+    }
+
+    async fn stats(&self) -> SfuStats {
+        self.s
+            .state
+            .gateway
+            .media
+            .stats()
+            .await
+            .expect("media task")
+    }
+
+    /// Waits (bounded) for the SFU's counters to satisfy `check`.
+    async fn wait_stats(&self, check: impl Fn(&SfuStats) -> bool) -> SfuStats {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let s = self.stats().await;
+            if check(&s) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "SFU stats never matched: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A publisher of `<name>-a` and `<name>-v`, with synthetic media running.
+async fn publisher(fx: &Fx, name: &str, level: u8) -> (Participant, Synthetic) {
+    let mut p = fx.join(name).await;
+    let (a, v) = (format!("{name}-a"), format!("{name}-v"));
+    let pc = p
+        .publish(&[TrackSpec::audio(&a), TrackSpec::video(&v)])
+        .await
+        .expect("publish");
+    let (synthetic, _task) = Synthetic::start(pc, Some(a), Some((v, Vec::new())), level);
+    (p, synthetic)
+}
+
+fn packets(p: &Participant, tid: &str) -> u64 {
+    p.sub.stats(tid).map_or(0, |s| s.packets)
+}
+
+fn assert_audio_intact(p: &Participant, tid: &str) {
+    let s = p.sub.stats(tid).expect("audio stats");
+    assert!(!s.first_payloads.is_empty());
+    for payload in &s.first_payloads {
+        let seq = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+        assert_eq!(payload, &audio_payload(seq), "audio payload {seq} changed");
+    }
+}
+
+fn assert_video_intact(p: &Participant, tid: &str) {
+    let s = p.sub.stats(tid).expect("video stats");
+    assert!(!s.first_payloads.is_empty());
+    for payload in &s.first_payloads {
+        let frame = vp8_payload_frame(payload).expect("VP8 descriptor");
+        let keyframe = frame[0] & 1 == 0;
+        let at = if keyframe { 10 } else { 3 };
+        let seq = u32::from_be_bytes(frame[at..at + 4].try_into().expect("seq"));
+        assert_eq!(
+            frame,
+            &vp8_frame(seq, keyframe, frame.len())[..],
+            "frame {seq}"
+        );
+        assert_eq!(frame.len(), 200, "frame {seq} truncated");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishers_audio_and_video_reach_two_subscribers_intact() {
+    let fx = Fx::new().await;
+    let (_alice, _media) = publisher(&fx, "alice", 127).await;
+    let mut bob = fx.join("bob").await;
+    let mut carol = fx.join("carol").await;
+    for p in [&mut bob, &mut carol] {
+        p.pump_until(WAIT, |p| {
+            packets(p, "alice-a") >= 50 && packets(p, "alice-v") >= 30
+        })
+        .await
+        .expect("media reaches the subscriber");
+        assert_audio_intact(p, "alice-a");
+        assert_video_intact(p, "alice-v");
+        let mut streams = p.sub.active_streams();
+        streams.sort();
+        assert_eq!(streams, ["alice-a", "alice-v"]);
+    }
+    let s = fx.stats().await;
+    assert_eq!(s.published_tracks, 2);
+    assert_eq!(s.forwards, 4, "2 tracks × 2 subscribers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribers_pli_reaches_the_publisher() {
+    let fx = Fx::new().await;
+    let (alice, _media) = publisher(&fx, "alice", 127).await;
+    let pc = alice.publisher.clone().expect("pc");
+    let mut bob = fx.join("bob").await;
+    bob.pump_until(WAIT, |p| packets(p, "alice-v") >= 10)
+        .await
+        .expect("video flows");
+    // The SFU throttles keyframe requests per publisher layer (500 ms): a PLI sent after
+    // the connection's own request has passed the window must come through.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = pc.keyframe_requests("alice-v");
+    bob.sub.send_pli("alice-v").await.expect("pli");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pc.keyframe_requests("alice-v") <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "PLI never reached alice"
+        );
+        bob.sub.send_pli("alice-v").await.expect("pli");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_and_unmute_reach_others_and_unpublish_removes_the_track() {
+    let fx = Fx::new().await;
+    let (mut alice, _media) = publisher(&fx, "alice", 127).await;
+    let mut bob = fx.join("bob").await;
+    bob.pump_until(WAIT, |p| packets(p, "alice-v") >= 5)
+        .await
+        .expect("video flows");
+
+    alice
+        .session
+        .send(ClientMessage::MuteTrack("alice-v".into()), None)
+        .await
+        .expect("send");
+    let m = bob
+        .wait_for(WAIT, |m| matches!(m, ServerMessage::TrackMuted(_)))
+        .await
+        .expect("track_muted");
+    let ServerMessage::TrackMuted(e) = m else {
+        unreachable!()
+    };
+    assert_eq!(
+        (e.connection_id.as_str(), e.track.tid.as_str()),
+        (alice.connection_id(), "alice-v")
+    );
+    alice
+        .session
+        .send(ClientMessage::UnmuteTrack("alice-v".into()), None)
+        .await
+        .expect("send");
+    bob.wait_for(
+        WAIT,
+        |m| matches!(m, ServerMessage::TrackUnmuted(e) if e.track.tid == "alice-v"),
+    )
+    .await
+    .expect("track_unmuted");
+
+    // Unpublish is only an offer with the section inactive, as the SDK sends it.
+    alice.unpublish("alice-v").await.expect("unpublish");
+    bob.wait_for(
+        WAIT,
+        |m| matches!(m, ServerMessage::RemoveTrack(e) if e.track.tid == "alice-v"),
+    )
+    .await
+    .expect("remove_track");
+    bob.pump_until(WAIT, |p| p.sub.active_streams() == ["alice-a".to_string()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}: streams {:?}", bob.sub.active_streams()));
+    fx.wait_stats(|s| s.published_tracks == 1 && s.forwards == 1)
+        .await;
+    // Audio still flows.
+    let audio = packets(&bob, "alice-a");
+    bob.pump_until(WAIT, |p| packets(p, "alice-a") > audio + 20)
+        .await
+        .expect("audio continues");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_subscriptions_deliver_only_what_was_asked_for() {
+    let fx = Fx::new().await;
+    let (alice, _media) = publisher(&fx, "alice", 127).await;
+    let mut viewer = fx.join_with("viewer", 0).await;
+    let alice_conn = alice.connection_id().to_string();
+    // Nothing is forwarded before a subscription.
+    fx.wait_stats(|s| s.published_tracks == 2).await;
+    assert_eq!(fx.stats().await.forwards, 0);
+
+    let request = |tids: &[&str], conn: &str| ConnectionsRequest {
+        connections: vec![ConnectionTracks {
+            connection_id: conn.to_string(),
+            track_ids: tids.iter().map(|t| t.to_string()).collect(),
+        }],
+    };
+    // Unknown participant and unknown track: failures, nothing forwarded.
+    for (conn, tid) in [("nobody", "alice-v"), (alice_conn.as_str(), "nope")] {
+        viewer
+            .session
+            .send(ClientMessage::SubscribeTracks(request(&[tid], conn)), None)
+            .await
+            .expect("send");
+        let reply = viewer
+            .wait_for(WAIT, |m| matches!(m, ServerMessage::SubscribeTracks(_)))
+            .await
+            .expect("reply");
+        let ServerMessage::SubscribeTracks(r) = reply else {
+            unreachable!()
+        };
+        assert!(r.successes.is_empty());
+        assert_eq!(r.failures[0].connection_id, conn);
+    }
+
+    viewer
+        .session
+        .send(
+            ClientMessage::SubscribeTracks(request(&["alice-v"], &alice_conn)),
+            None,
+        )
+        .await
+        .expect("send");
+    let reply = viewer
+        .wait_for(WAIT, |m| matches!(m, ServerMessage::SubscribeTracks(_)))
+        .await
+        .expect("reply");
+    let ServerMessage::SubscribeTracks(r) = reply else {
+        unreachable!()
+    };
+    assert_eq!(r.successes[0].connection_id, alice_conn);
+    assert!(r.failures.is_empty());
+    viewer
+        .pump_until(WAIT, |p| packets(p, "alice-v") >= 10)
+        .await
+        .expect("the subscribed track flows");
+    assert_eq!(viewer.sub.active_streams(), ["alice-v".to_string()]);
+    assert_eq!(packets(&viewer, "alice-a"), 0, "audio was not asked for");
+
+    viewer
+        .session
+        .send(
+            ClientMessage::UnsubscribeTracks(request(&["alice-v"], &alice_conn)),
+            None,
+        )
+        .await
+        .expect("send");
+    viewer
+        .wait_for(
+            WAIT,
+            |m| matches!(m, ServerMessage::UnsubscribeTracks(r) if r.successes.len() == 1),
+        )
+        .await
+        .expect("unsubscribe reply");
+    viewer
+        .pump_until(WAIT, |p| p.sub.active_streams().is_empty())
+        .await
+        .expect("the section goes inactive");
+    fx.wait_stats(|s| s.forwards == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_mode_with_fewer_slots_than_publishers_follows_the_loudest_speaker() {
+    let fx = Fx::new().await;
+    // Three silent publishers; the viewer has room for one.
+    let (_p1, _m1) = publisher(&fx, "p1", 127).await;
+    let (_p2, _m2) = publisher(&fx, "p2", 127).await;
+    let (p3, m3) = publisher(&fx, "p3", 127).await;
+    let mut viewer = fx.join_with("viewer", 1).await;
+    viewer
+        .pump_until(WAIT, |p| {
+            let mut s = p.sub.active_streams();
+            s.sort();
+            s == ["p1-a", "p1-v"]
+        })
+        .await
+        .expect("the first publisher by join order, when nobody speaks");
+
+    // p3 starts talking: it becomes the active speaker, and the viewer's slot moves to it.
+    m3.level.store(10, Ordering::Relaxed);
+    let m = viewer
+        .wait_for(
+            WAIT,
+            |m| matches!(m, ServerMessage::ActiveSpeakers(s) if !s.tracks.is_empty()),
+        )
+        .await
+        .expect("active_speakers");
+    let ServerMessage::ActiveSpeakers(s) = m else {
+        unreachable!()
+    };
+    assert_eq!(s.tracks[0].connection_id, p3.connection_id());
+    assert_eq!(s.tracks[0].track_id, "p3-a");
+    viewer
+        .pump_until(WAIT, |p| {
+            let mut s = p.sub.active_streams();
+            s.sort();
+            s == ["p3-a", "p3-v"]
+        })
+        .await
+        .expect("the viewer switches to the loudest speaker");
+    viewer
+        .pump_until(WAIT, |p| packets(p, "p3-v") >= 10)
+        .await
+        .expect("its video flows");
+
+    // Silence: the speaker list empties, and p3 keeps the slot (it spoke last).
+    m3.level.store(127, Ordering::Relaxed);
+    viewer
+        .wait_for(
+            WAIT,
+            |m| matches!(m, ServerMessage::ActiveSpeakers(s) if s.tracks.is_empty()),
+        )
+        .await
+        .expect("speakers cleared");
+    let mut s = viewer.sub.active_streams();
+    s.sort();
+    assert_eq!(s, ["p3-a", "p3-v"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_forwards_one_layer_and_switches_when_it_stops() {
+    let fx = Fx::new().await;
+    let mut alice = fx.join("alice").await;
+    let mut video = TrackSpec::video("alice-v");
+    video.rids = vec!["l".into(), "h".into()];
+    let pc = alice.publish(&[video]).await.expect("publish");
+    let (media, _task) = Synthetic::start(
+        pc,
+        None,
+        Some(("alice-v".into(), vec!["l".into(), "h".into()])),
+        127,
+    );
+    let mut bob = fx.join("bob").await;
+    // Layers differ in frame size, so the size of what arrives names the layer.
+    let layer_of = |p: &Participant| {
+        let s = p.sub.stats("alice-v")?;
+        let frame = vp8_payload_frame(&s.last_payload)?;
+        (0..2).find(|i| layer_frame_len(*i) == frame.len())
+    };
+    bob.pump_until(WAIT, |p| {
+        packets(p, "alice-v") >= 30 && layer_of(p) == Some(1)
+    })
+    .await
+    .expect("the high layer flows");
+    let ssrc = bob.sub.stats("alice-v").expect("stats").ssrc;
+
+    // The publisher stops sending "h" (as a congested browser does): the subscriber is
+    // moved to "l" at its next keyframe, on the same outgoing stream.
+    media.layers.store(0b01, Ordering::Relaxed);
+    bob.pump_until(WAIT, |p| layer_of(p) == Some(0))
+        .await
+        .expect("switched to the low layer");
+    let seen = packets(&bob, "alice-v");
+    bob.pump_until(WAIT, |p| {
+        packets(p, "alice-v") > seen + 30 && layer_of(p) == Some(0)
+    })
+    .await
+    .expect("video continues on the low layer");
+    assert_eq!(
+        bob.sub.stats("alice-v").expect("stats").ssrc,
+        ssrc,
+        "one outgoing stream whatever the layer"
+    );
+    // And back to "h" when it returns.
+    media.layers.store(0b11, Ordering::Relaxed);
+    bob.pump_until(WAIT, |p| layer_of(p) == Some(1))
+        .await
+        .expect("back on the high layer");
+    drop(alice);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_mid_stream_cleans_up_every_peer_connection_and_forward() {
+    let fx = Fx::new().await;
+    let (alice, media) = publisher(&fx, "alice", 127).await;
+    let mut bob = fx.join("bob").await;
+    let mut carol = fx.join("carol").await;
+    for p in [&mut bob, &mut carol] {
+        p.pump_until(WAIT, |p| packets(p, "alice-v") >= 5)
+            .await
+            .expect("media flows");
+    }
+    let s = fx.stats().await;
+    assert_eq!((s.members, s.forwards, s.peer_connections), (3, 4, 3));
+    assert!(media.video_frames.load(Ordering::Relaxed) > 0);
+
+    // Alice vanishes mid-stream (socket closed, no unpublish offer, as the SDK's leave).
+    alice.close().await;
+    for p in [&mut bob, &mut carol] {
+        p.wait_for(WAIT, |m| {
+            matches!(m, ServerMessage::ParticipantDisconnected(_))
+        })
+        .await
+        .expect("participant_disconnected");
+    }
+    fx.wait_stats(|s| s.members == 2 && s.published_tracks == 0 && s.forwards == 0)
+        .await;
+    for p in [&mut bob, &mut carol] {
+        p.pump_until(WAIT, |p| p.sub.active_streams().is_empty())
+            .await
+            .expect("alice's sections go inactive");
+    }
+    bob.close().await;
+    carol.close().await;
+    let s = fx
+        .wait_stats(|s| s.members == 0 && s.peer_connections == 0)
+        .await;
+    assert_eq!(
+        (s.rooms, s.forwards, s.published_tracks),
+        (0, 0, 0),
+        "nothing left behind: {s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_media_input_gets_errors_and_harms_nobody() {
+    let fx = Fx::new().await;
+    let (_alice, _media) = publisher(&fx, "alice", 127).await;
+    let mut bob = fx.join("bob").await;
+    bob.pump_until(WAIT, |p| packets(p, "alice-a") >= 10)
+        .await
+        .expect("media flows");
+    let mut mallory = fx.join("mallory").await;
+
+    let error_for = |m: &ServerMessage| matches!(m, ServerMessage::Error(_));
+    let cases: Vec<(ClientMessage, &str)> = vec![
+        (
+            ClientMessage::Offer("this is not sdp".into()),
+            "offer refused",
+        ),
+        (
+            ClientMessage::SubAnswer(SfuDescription {
+                sfu_id: "sfu-9".into(),
+                sdp: "v=0\r\n".into(),
+            }),
+            "unknown sfu_id",
+        ),
+        (
+            // The join's offer was answered already: nothing is outstanding.
+            ClientMessage::SubAnswer(SfuDescription {
+                sfu_id: "sfu-0".into(),
+                sdp: "v=0\r\n".into(),
+            }),
+            "sub_answer refused",
+        ),
+        (
+            ClientMessage::Candidate(CandidateMessage {
+                candidate: SigCandidate {
+                    candidate: "candidate:1 1 udp 1 127.0.0.1 9 typ host".into(),
+                    sdp_mline_index: Some(0),
+                    sdp_mid: Some("0".into()),
+                    username_fragment: None,
+                },
+                target: CandidateTarget::Subscriber,
+                sfu_id: "sfu-7".into(),
+            }),
+            "unknown sfu_id",
+        ),
+        (
+            ClientMessage::Candidate(CandidateMessage {
+                candidate: SigCandidate {
+                    candidate: "candidate:garbage".into(),
+                    sdp_mline_index: Some(0),
+                    sdp_mid: None,
+                    username_fragment: None,
+                },
+                target: CandidateTarget::Publisher,
+                sfu_id: "sfu-0".into(),
+            }),
+            "candidate refused",
+        ),
+    ];
+    for (message, expected) in cases {
+        mallory.session.send(message, None).await.expect("send");
+        let ServerMessage::Error(e) = mallory.wait_for(WAIT, error_for).await.expect("error")
+        else {
+            unreachable!()
+        };
+        assert!(e.message.contains(expected), "{} ∌ {expected}", e.message);
+        assert!(!e.fatal);
+    }
+
+    // An offer with only a codec we do not support is answered (section rejected), so the
+    // client's negotiation queue never stalls.
+    let pc = PubPc::new().await.expect("pc");
+    pc.add_track("m-a", spacegate_client::media::MediaKind::Audio)
+        .await
+        .expect("track");
+    let offer = pc.create_offer(false).await.expect("offer");
+    let exotic: String = offer
+        .lines()
+        .map(|l| {
+            if l.starts_with("a=rtpmap:111 ") {
+                "a=rtpmap:111 x-unknown/8000".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+        + "\r\n";
+    mallory
+        .session
+        .send(ClientMessage::Offer(exotic), None)
+        .await
+        .expect("send");
+    mallory
+        .wait_for(WAIT, |m| {
+            matches!(m, ServerMessage::Answer(_) | ServerMessage::Error(_))
+        })
+        .await
+        .expect("answered or refused, never ignored");
+
+    // A datagram flood at the media port from a stranger is dropped without a lookup,
+    // and alice's media keeps reaching bob.
+    let flood = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let target = fx.s.state.gateway.media.candidate;
+    let junk_stun = [0u8; 120];
+    let junk_rtp = [0x80u8; 1200];
+    for i in 0..20_000 {
+        let _ = flood.send_to(if i % 2 == 0 { &junk_stun } else { &junk_rtp }, target);
+    }
+    let seen = packets(&bob, "alice-a");
+    bob.pump_until(WAIT, |p| packets(p, "alice-a") > seen + 50)
+        .await
+        .expect("media continues through a flood");
+    assert!(fx.stats().await.dropped_datagrams > 0);
+}
