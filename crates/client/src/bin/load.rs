@@ -4,8 +4,11 @@
 //!       --concurrency 100 --joins 5000 [--spaces 10]
 //!   spacegate-load hold --url … --token-id … --token-secret … --connections 15000 --spaces 150
 //!
-//! Both create a signing key and spaces through the REST API and sign every token before
-//! the clock starts, so only joining is measured. Output is one JSON object per line.
+//!   spacegate-load media --url … --subscribers 10 --secs 20 [--video-pps 300] [--server-pid P]
+//!
+//! All create a signing key and spaces through the REST API and sign every token before
+//! the clock starts, so only joining (or forwarding) is measured. Output is one JSON
+//! object per line.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,6 +52,24 @@ enum Command {
         /// Joins in flight while ramping up.
         #[arg(long, default_value_t = 200)]
         ramp_concurrency: usize,
+    },
+    /// One publisher (webrtc-rs, synthetic audio + video) and N subscribers in one space;
+    /// report forwarded RTP packets/s, and with --server-pid the server's CPU µs per
+    /// forwarded packet and memory per peer connection.
+    Media {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 10)]
+        subscribers: usize,
+        /// Seconds measured, after every subscriber receives video.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+        /// Video packets per second (one synthetic frame per packet); audio is 50/s.
+        #[arg(long, default_value_t = 300)]
+        video_pps: u32,
+        /// Video frame (= packet payload) size in bytes.
+        #[arg(long, default_value_t = 1000)]
+        frame_bytes: usize,
     },
 }
 
@@ -178,7 +199,159 @@ async fn main() -> Result<()> {
             hold_secs,
             ramp_concurrency,
         } => run_hold(&common, connections, hold_secs, ramp_concurrency).await,
+        Command::Media {
+            common,
+            subscribers,
+            secs,
+            video_pps,
+            frame_bytes,
+        } => run_media(&common, subscribers, secs, video_pps, frame_bytes).await,
     }
+}
+
+/// Reads a participant's session (answering offers) until it closes; a quiet spell is
+/// not an end.
+async fn pump(p: &mut spacegate_client::participant::Participant) {
+    loop {
+        match p.next().await {
+            Ok(_) | Err(ClientError::Timeout) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn run_media(
+    c: &Common,
+    subscribers: usize,
+    secs: u64,
+    video_pps: u32,
+    frame_bytes: usize,
+) -> Result<()> {
+    use spacegate_client::media::vp8_frame;
+    use spacegate_client::participant::{Participant, TrackSpec, audio_payload};
+    if subscribers == 0 || video_pps == 0 {
+        bail!("--subscribers and --video-pps must be positive");
+    }
+    let prepared = prepare(c, subscribers + 1).await?;
+    let options = JoinOptions::default();
+    let rss_before = c.server_pid.and_then(rss_kb);
+
+    let mut publisher = Participant::join(&prepared.ws_base, &prepared.tokens[0], &options)
+        .await
+        .context("publisher join")?;
+    let pc = publisher
+        .publish(&[TrackSpec::audio("load-a"), TrackSpec::video("load-v")])
+        .await
+        .context("publish")?;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (pc, sent) = (pc.clone(), sent.clone());
+        tokio::spawn(async move {
+            // Audio at 50/s and video at `video_pps`, interleaved on one 1 ms clock.
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let per_video = 1000.0 / f64::from(video_pps);
+            let (mut ms, mut next_video, mut n) = (0u64, 0.0f64, 0u64);
+            let mut seen_requests = 0;
+            loop {
+                tick.tick().await;
+                ms += 1;
+                if ms % 20 == 0 && pc.write("load-a", None, audio_payload(ms)).await.is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                while next_video <= ms as f64 {
+                    next_video += per_video;
+                    n += 1;
+                    let requests = pc.keyframe_requests("load-v");
+                    let key = n % 300 == 1 || requests != seen_requests;
+                    seen_requests = requests;
+                    let frame = vp8_frame(n as u32, key, frame_bytes);
+                    if pc.write("load-v", None, frame).await.is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    // The publisher's own session must be read (pings, offers).
+    let publisher_pump = tokio::spawn(async move { pump(&mut publisher).await });
+
+    let mut subs = Vec::new();
+    let mut pumps = Vec::new();
+    for token in &prepared.tokens[1..] {
+        let mut p = Participant::join(&prepared.ws_base, token, &options)
+            .await
+            .context("subscriber join")?;
+        subs.push(p.sub.clone());
+        pumps.push(tokio::spawn(async move { pump(&mut p).await }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !subs
+        .iter()
+        .all(|s| s.stats("load-v").is_some_and(|v| v.packets > 10))
+    {
+        if Instant::now() > deadline {
+            bail!("not every subscriber received video within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rss_after = c.server_pid.and_then(rss_kb);
+    let received = |subs: &[Arc<spacegate_client::media::SubPc>]| -> u64 {
+        subs.iter()
+            .map(|s| {
+                s.stats("load-a").map_or(0, |a| a.packets) + s.stats("load-v").map_or(0, |v| v.packets)
+            })
+            .sum()
+    };
+    let (r0, s0, t0) = (received(&subs), sent.load(Ordering::Relaxed), Instant::now());
+    let cpu0 = c.server_pid.and_then(cpu_seconds);
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (r1, s1, elapsed) = (received(&subs), sent.load(Ordering::Relaxed), t0.elapsed());
+    let cpu1 = c.server_pid.and_then(cpu_seconds);
+    writer.abort();
+    publisher_pump.abort();
+    for p in pumps {
+        p.abort();
+    }
+
+    let forwarded = (r1 - r0) as f64;
+    let published = (s1 - s0) as f64;
+    let mut out = serde_json::json!({
+        "mode": "media",
+        "subscribers": subscribers,
+        "seconds": elapsed.as_secs_f64(),
+        "published_packets_per_sec": (published / elapsed.as_secs_f64()).round(),
+        "forwarded_packets_per_sec": (forwarded / elapsed.as_secs_f64()).round(),
+        // Fraction of what the publisher sent that reached each subscriber.
+        "delivery_ratio": if published > 0.0 { forwarded / (published * subscribers as f64) } else { 0.0 },
+    });
+    if let (Some(a), Some(b)) = (cpu0, cpu1)
+        && forwarded > 0.0
+    {
+        let us = (b - a) * 1e6 / forwarded;
+        out["server_cpu_us_per_forwarded_packet"] = serde_json::json!((us * 100.0).round() / 100.0);
+        out["forwarded_packets_per_server_core_sec"] = serde_json::json!((1e6 / us).round());
+        out["server_cpu_share"] = serde_json::json!((b - a) / elapsed.as_secs_f64());
+    }
+    if let (Some(a), Some(b)) = (rss_before, rss_after) {
+        // Publisher PC + one subscriber PC per subscriber.
+        let pcs = subscribers as f64 + 1.0;
+        out["server_rss_kb_per_peer_connection"] =
+            serde_json::json!(((b as f64 - a as f64) / pcs).round());
+    }
+    println!("{out}");
+    Ok(())
 }
 
 async fn run_join(c: &Common, concurrency: usize, joins: usize) -> Result<()> {
