@@ -57,6 +57,7 @@ pub struct Participant {
     /// Messages read while waiting for an `answer`, for [`Participant::next`].
     backlog: VecDeque<Envelope<ServerMessage>>,
     sub_offers: u64,
+    last_answer: String,
 }
 
 impl Participant {
@@ -74,6 +75,7 @@ impl Participant {
             publisher: None,
             backlog: VecDeque::new(),
             sub_offers: 0,
+            last_answer: String::new(),
         };
         for offer in sfus {
             p.answer_sub_offer(&offer).await?;
@@ -83,6 +85,11 @@ impl Participant {
 
     pub fn connection_id(&self) -> &str {
         &self.session.joined().connection_id
+    }
+
+    /// The server's latest `answer` on the publisher PC.
+    pub fn last_answer(&self) -> &str {
+        &self.last_answer
     }
 
     /// How many `sub_offer`s (after the one in `joined`) were answered.
@@ -223,6 +230,15 @@ impl Participant {
         self.negotiate(&pc, offer).await
     }
 
+    /// Restarts ICE on the publisher PC (new credentials), as the SDK does when its pub
+    /// PC's ICE fails: an `offer` with no `pending_track`. Returns the server's answer.
+    pub async fn restart_ice(&mut self) -> anyhow::Result<String> {
+        let pc = self.publisher.clone().context("nothing published")?;
+        let offer = pc.create_offer(true).await?;
+        self.negotiate(&pc, offer).await?;
+        Ok(self.last_answer.clone())
+    }
+
     async fn negotiate(&mut self, pc: &PubPc, offer: String) -> anyhow::Result<()> {
         self.session.send(ClientMessage::Offer(offer), None).await?;
         loop {
@@ -231,6 +247,7 @@ impl Participant {
             match m.message {
                 ServerMessage::Answer(sdp) => {
                     pc.set_answer(&sdp).await?;
+                    self.last_answer = sdp;
                     return Ok(());
                 }
                 ServerMessage::Error(e) => bail!("offer refused: {}", e.message),

@@ -3,7 +3,7 @@
 //! `SPACEGATE_CONFIG`, built-in defaults. Unknown keys in the file are an error, so a typo
 //! never silently falls back to a default.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -22,6 +22,18 @@ pub struct FileConfig {
     pub environment: Option<String>,
     pub log: Option<String>,
     pub max_participants: Option<u32>,
+    pub media_listen: Option<SocketAddr>,
+    pub media_public_ip: Option<IpAddr>,
+    pub ice_servers: Option<Vec<IceServerConfig>>,
+}
+
+/// A STUN or TURN server handed to clients in `joined.ice_servers`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServerConfig {
+    pub urls: Vec<String>,
+    pub username: Option<String>,
+    pub credential: Option<String>,
 }
 
 impl FileConfig {
@@ -62,6 +74,14 @@ pub struct Config {
     pub log: String,
     /// Most participants connected to one space at once.
     pub max_participants: u32,
+    /// The one UDP address all media uses. Defaults to the `listen` address and port, so
+    /// HTTP, WebSocket and media share one port number (TCP and UDP).
+    pub media_listen: SocketAddr,
+    /// The address clients reach the media port at, when NAT or a container hides it.
+    pub media_public_ip: Option<IpAddr>,
+    /// Given to clients as `ice_servers`. Empty means none: the server's ICE-lite host
+    /// candidate is reachable directly, and Google's default STUN is not used.
+    pub ice_servers: Vec<IceServerConfig>,
 }
 
 /// Values from flags or environment variables (clap merges those two).
@@ -72,16 +92,22 @@ pub struct Overrides {
     pub environment: Option<String>,
     pub log: Option<String>,
     pub max_participants: Option<u32>,
+    pub media_listen: Option<SocketAddr>,
+    pub media_public_ip: Option<IpAddr>,
 }
 
 impl Config {
     pub fn resolve(file: FileConfig, over: Overrides) -> Config {
+        let listen = over.listen.or(file.listen).unwrap_or_else(|| {
+            DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address is valid")
+        });
         Config {
-            listen: over.listen.or(file.listen).unwrap_or_else(|| {
-                DEFAULT_LISTEN
-                    .parse()
-                    .expect("default listen address is valid")
-            }),
+            listen,
+            media_listen: over.media_listen.or(file.media_listen).unwrap_or(listen),
+            media_public_ip: over.media_public_ip.or(file.media_public_ip),
+            ice_servers: file.ice_servers.unwrap_or_default(),
             data_dir: over
                 .data_dir
                 .or(file.data_dir)
@@ -108,6 +134,7 @@ mod tests {
         let text = include_str!("../../../deploy/spacegate.example.toml");
         let file = FileConfig::parse(text).expect("example config is valid");
         assert!(file.listen.is_some() && file.data_dir.is_some());
+        assert!(file.media_listen.is_some() && file.ice_servers.is_some());
     }
 
     #[test]
@@ -130,6 +157,11 @@ mod tests {
         assert_eq!(c.environment, DEFAULT_ENVIRONMENT);
         let d = Config::resolve(FileConfig::default(), Overrides::default());
         assert_eq!(d.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(
+            d.media_listen, d.listen,
+            "media shares the port number by default"
+        );
+        assert!(d.ice_servers.is_empty() && d.media_public_ip.is_none());
         assert!(
             d.listen.ip().is_loopback(),
             "default listens on loopback only"

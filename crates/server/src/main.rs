@@ -8,10 +8,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use spacegate_auth::{PrivateKey, SignOptions, VerifyOptions};
+use spacegate_proto::signaling::IceServer;
 use spacegate_proto::{AccessTokenId, KeyId, ParticipantId, Role, SpaceId};
 use spacegate_server::config::{Config, FileConfig, Overrides};
 use spacegate_server::gateway::GatewayConfig;
+use spacegate_server::media::MediaConfig;
 use spacegate_server::{AppState, keys::KeyCache, now_secs, tokens};
+use spacegate_signaling::SpaceConfig;
 use spacegate_store::{Permissions, SqliteStore, Store};
 
 #[derive(Debug, Parser)]
@@ -66,6 +69,12 @@ struct ServeArgs {
     /// Most participants in one space at once [default: 100].
     #[arg(long, env = "SPACEGATE_MAX_PARTICIPANTS")]
     max_participants: Option<u32>,
+    /// UDP address for all media, ADDR:PORT [default: the --listen address and port].
+    #[arg(long, env = "SPACEGATE_MEDIA_LISTEN")]
+    media_listen: Option<SocketAddr>,
+    /// IP that clients reach the media port at (NAT, containers) [default: the bound one].
+    #[arg(long, env = "SPACEGATE_MEDIA_PUBLIC_IP")]
+    media_public_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +149,8 @@ fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> Result<Config> {
         environment: serve.and_then(|s| s.environment.clone()),
         log: serve.and_then(|s| s.log.clone()),
         max_participants: serve.and_then(|s| s.max_participants),
+        media_listen: serve.and_then(|s| s.media_listen),
+        media_public_ip: serve.and_then(|s| s.media_public_ip),
     };
     Ok(Config::resolve(file, over))
 }
@@ -186,19 +197,49 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    writeln!(out, "spacegate: listening on http://{addr}")?;
-    out.flush()?;
-    drop(out);
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
+    // By default media takes the same port number as HTTP, on UDP, including the port
+    // picked for `--listen …:0`.
+    let media_listen = if config.media_listen == config.listen {
+        addr
+    } else {
+        config.media_listen
+    };
     let state = AppState::with_gateway(
         Arc::new(store),
         Arc::new(spacegate_session::MemoryRegistry::default()),
         GatewayConfig {
             max_participants: config.max_participants,
+            space: Arc::new(SpaceConfig {
+                ice_servers: config
+                    .ice_servers
+                    .iter()
+                    .map(|s| IceServer {
+                        urls: s.urls.clone(),
+                        username: s.username.clone(),
+                        credential: s.credential.clone(),
+                    })
+                    .collect(),
+                ..SpaceConfig::default()
+            }),
+            media: MediaConfig {
+                // Port 0 for HTTP means "any free port"; media gets its own free one.
+                listen: media_listen,
+                public_ip: config.media_public_ip,
+            },
             ..GatewayConfig::default()
         },
     )
-    .context("binding the media socket")?;
+    .with_context(|| format!("binding the media socket {media_listen}"))?;
+    let media = &state.gateway.media;
+    writeln!(out, "spacegate: listening on http://{addr}")?;
+    writeln!(
+        out,
+        "spacegate: media on udp://{} (clients are told {})",
+        media.local_addr, media.candidate
+    )?;
+    out.flush()?;
+    drop(out);
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
     spacegate_server::run(state, listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -16,6 +16,8 @@ struct Running {
     url: String,
     /// `(MUX_TOKEN_ID, MUX_TOKEN_SECRET)` when this start created the bootstrap token.
     token: Option<(String, String)>,
+    /// The "media on udp://…" line.
+    media: String,
 }
 
 impl Drop for Running {
@@ -48,6 +50,7 @@ fn start(mut cmd: Command) -> Running {
         child,
         url: String::new(),
         token: None,
+        media: String::new(),
     };
     let stdout = running.child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
@@ -70,7 +73,9 @@ fn start(mut cmd: Command) -> Running {
             secret = Some(v.to_string());
         } else if let Some(url) = line.strip_prefix("spacegate: listening on ") {
             running.url = url.trim().to_string();
-            running.token = id.zip(secret);
+            running.token = id.take().zip(secret.take());
+        } else if let Some(media) = line.strip_prefix("spacegate: media on ") {
+            running.media = media.trim().to_string();
             return running;
         }
     }
@@ -459,4 +464,57 @@ fn sign_makes_tokens_that_verify_against_the_stored_key() {
             .arg(&data),
     );
     assert!(err.contains("unknown or deleted"), "{err}");
+}
+
+#[test]
+fn media_shares_the_port_number_and_takes_public_ip_and_ice_servers_from_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("spacegate.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\n[[ice_servers]]\nurls = [\"turn:turn.example.org:3478\"]\nusername = \"u\"\ncredential = \"c\"\n",
+    )
+    .expect("write config");
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--media-public-ip", "203.0.113.7"]);
+    let r = start(cmd);
+    // "udp://127.0.0.1:P (clients are told 203.0.113.7:P)", P = the HTTP port.
+    let port = r.url.rsplit(':').next().expect("port").to_string();
+    assert_eq!(
+        r.media,
+        format!("udp://127.0.0.1:{port} (clients are told 203.0.113.7:{port})")
+    );
+
+    // The configured TURN server reaches the SDK in `joined.ice_servers`.
+    let token = r.token.clone().expect("token");
+    let space = create(&r, &token, "/video/v1/spaces")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let key = create(&r, &token, "/system/v1/signing-keys");
+    let jwt = run_ok(spacegate(dir.path()).args([
+        "sign",
+        &space,
+        "--key-id",
+        key["id"].as_str().expect("kid"),
+        "--private-key",
+        key["private_key"].as_str().expect("key"),
+    ]));
+    let ws = r.url.replace("http://", "ws://");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let joined = rt.block_on(async {
+        spacegate_client::Session::join(&ws, jwt.trim(), &Default::default())
+            .await
+            .expect("join")
+            .joined()
+            .clone()
+    });
+    assert_eq!(joined.ice_servers.len(), 1);
+    assert_eq!(joined.ice_servers[0].urls, ["turn:turn.example.org:3478"]);
+    assert_eq!(joined.ice_servers[0].username.as_deref(), Some("u"));
 }

@@ -245,6 +245,22 @@ async fn mute_and_unmute_reach_others_and_unpublish_removes_the_track() {
     bob.pump_until(WAIT, |p| packets(p, "alice-a") > audio + 20)
         .await
         .expect("audio continues");
+
+    // A later track (a screen share) is a renegotiation on a new mid; it reaches bob.
+    let mut share = TrackSpec::video("alice-s");
+    share.source = "screenshare".into();
+    let pc = alice.publish(&[share]).await.expect("publish later");
+    let (_share_media, _task) =
+        Synthetic::start(pc, None, Some(("alice-s".into(), Vec::new())), 127);
+    bob.wait_for(
+        WAIT,
+        |m| matches!(m, ServerMessage::AddTrack(e) if e.track.tid == "alice-s"),
+    )
+    .await
+    .expect("add_track for the later track");
+    bob.pump_until(WAIT, |p| packets(p, "alice-s") >= 10)
+        .await
+        .expect("the later track flows");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,5 +608,57 @@ async fn bad_media_input_gets_errors_and_harms_nobody() {
     bob.pump_until(WAIT, |p| packets(p, "alice-a") > seen + 50)
         .await
         .expect("media continues through a flood");
-    assert!(fx.stats().await.dropped_datagrams > 0);
+    let dropped = fx.stats().await.dropped_datagrams;
+    assert!(dropped > 0);
+
+    // A participant's own publisher PC flooding RTP: beyond its budget the datagrams are
+    // dropped before decryption, and alice's media still reaches bob.
+    let mut flooder = fx.join("flooder").await;
+    let pc = flooder
+        .publish(&[TrackSpec::video("flood-v")])
+        .await
+        .expect("publish");
+    let flood_task = tokio::spawn(async move {
+        let frame = vp8_frame(1, false, 1000);
+        loop {
+            for _ in 0..200 {
+                let _ = pc.write("flood-v", None, frame.clone()).await;
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    fx.wait_stats(|s| s.dropped_datagrams > dropped + 1000)
+        .await;
+    let seen = packets(&bob, "alice-a");
+    bob.pump_until(WAIT, |p| packets(p, "alice-a") > seen + 50)
+        .await
+        .expect("media continues through a publisher's flood");
+    flood_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ice_restart_on_the_publisher_gets_new_credentials_and_media_continues() {
+    let fx = Fx::new().await;
+    let (mut alice, _media) = publisher(&fx, "alice", 127).await;
+    let mut bob = fx.join("bob").await;
+    bob.pump_until(WAIT, |p| packets(p, "alice-v") >= 5)
+        .await
+        .expect("media flows");
+    let ufrag = |sdp: &str| {
+        sdp.lines()
+            .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+            .map(str::to_string)
+    };
+    let first = alice.last_answer().to_string();
+    let restarted = alice.restart_ice().await.expect("ice restart answered");
+    assert!(ufrag(&restarted).is_some());
+    assert_ne!(
+        ufrag(&first),
+        ufrag(&restarted),
+        "the answer carries new credentials"
+    );
+    let seen = packets(&bob, "alice-v");
+    bob.pump_until(WAIT, |p| packets(p, "alice-v") > seen + 30)
+        .await
+        .expect("media continues after the restart");
 }

@@ -310,11 +310,16 @@ async fn run_media(
     let received = |subs: &[Arc<spacegate_client::media::SubPc>]| -> u64 {
         subs.iter()
             .map(|s| {
-                s.stats("load-a").map_or(0, |a| a.packets) + s.stats("load-v").map_or(0, |v| v.packets)
+                s.stats("load-a").map_or(0, |a| a.packets)
+                    + s.stats("load-v").map_or(0, |v| v.packets)
             })
             .sum()
     };
-    let (r0, s0, t0) = (received(&subs), sent.load(Ordering::Relaxed), Instant::now());
+    let (r0, s0, t0) = (
+        received(&subs),
+        sent.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     let cpu0 = c.server_pid.and_then(cpu_seconds);
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let (r1, s1, elapsed) = (received(&subs), sent.load(Ordering::Relaxed), t0.elapsed());
