@@ -51,6 +51,9 @@ test('two publishers see and hear each other; mute reaches the other page', { sk
   // Frames decode (so keyframes reached the late subscriber) and audio flows, both ways.
   const sa = await waitForStats(a.page, (s) => s.video.framesDecoded > 30 && s.audio.packetsReceived > 50);
   const sb = await waitForStats(b.page, (s) => s.video.framesDecoded > 30 && s.audio.packetsReceived > 50);
+  // The SFU answers with its preferred codec (VP8) and Opus; forwarded as sent.
+  assert.deepEqual(sa.video.codecs, ['video/VP8']);
+  assert.deepEqual(sb.audio.codecs, ['audio/opus']);
   // And keeps flowing.
   await waitForStats(a.page, (s) => s.video.framesDecoded > sa.video.framesDecoded + 30);
   await waitForStats(b.page, (s) => s.audio.packetsReceived > sb.audio.packetsReceived + 50);
@@ -187,4 +190,16 @@ test('reconnect: a dropped socket comes back with its participant_id and tracks,
   const before = await inbound(b.page);
   await waitForStats(b.page, (s) => s.video.framesDecoded > before.video.framesDecoded + 20);
   await Promise.all([a.page.close(), b.page.close()]);
+});
+
+test('H.264 from a publisher that offers only H.264 is forwarded and decoded', { skip: missing || false }, async () => {
+  const space = await mux.video.spaces.create();
+  const pub = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'h264-pub' }));
+  await pub.page.evaluate(() => { window.forceH264 = true; });
+  await publish(pub.page, { audio: true, video: { width: 640, height: 480 } });
+  const viewer = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'h264-viewer' }));
+  await waitForEvent(viewer.page, ['subscribed', 'h264-pub', 'video'], 20000);
+  const s = await waitForStats(viewer.page, (x) => x.video.framesDecoded > 20);
+  assert.deepEqual(s.video.codecs, ['video/H264']);
+  await Promise.all([pub.page.close(), viewer.page.close()]);
 });

@@ -76,6 +76,31 @@ async function join(context, pageUrl, wsBase, token, options = {}) {
     window.pcs = [];
     window.RTCPeerConnection = class extends NativePc {
       constructor(...args) { super(...args); window.pcs.push(this); }
+
+      // With window.forceH264 set, offers keep only H.264 (and its RTX) for video, the
+      // way an app restricts codecs, so a test can prove H.264 end to end.
+      async createOffer(...args) {
+        const offer = await super.createOffer(...args);
+        if (!window.forceH264) return offer;
+        const munged = offer.sdp.split(/\r\n(?=m=)/).map((section) => {
+          if (!section.startsWith('m=video')) return section;
+          const lines = section.split('\r\n');
+          const keep = new Set(lines.map((l) => l.match(/^a=rtpmap:(\d+) H264\//)).filter(Boolean).map((m) => m[1]));
+          for (const l of lines) {
+            const m = l.match(/^a=fmtp:(\d+) apt=(\d+)/);
+            if (m && keep.has(m[2])) keep.add(m[1]);
+          }
+          return lines.filter((l) => {
+            const m = l.match(/^a=(?:rtpmap|fmtp|rtcp-fb):(\d+)/);
+            return !m || keep.has(m[1]);
+          }).map((l) => {
+            if (!l.startsWith('m=video')) return l;
+            const parts = l.split(' ');
+            return [...parts.slice(0, 3), ...parts.slice(3).filter((pt) => keep.has(pt))].join(' ');
+          }).join('\r\n');
+        }).join('\r\n');
+        return { type: offer.type, sdp: munged };
+      }
     };
     window.MUX_SPACES_BACKEND_URL = wsBase;
     const { Space, SpaceEvent } = window.MuxSpaces;
@@ -138,6 +163,9 @@ async function inbound(page) {
         k.streams += 1;
         k.packetsReceived += s.packetsReceived || 0;
         if (s.kind === 'video') k.framesDecoded += s.framesDecoded || 0;
+        // Which codec arrived (mimeType of the stream's codec entry).
+        const codec = s.codecId && stats.get(s.codecId);
+        if (codec) k.codecs = [...new Set([...(k.codecs || []), codec.mimeType])];
       });
     }
     return sum;
