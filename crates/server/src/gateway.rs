@@ -609,10 +609,8 @@ async fn admit(
         }
     }
     let sub_sfus = vec![SfuDescription {
-        sfu_id: "sfu-0".into(),
-        // A valid offer without m-lines: the subscriber peer connection starts empty and
-        // the media plane adds sections with later sub_offers.
-        sdp: format!("v=0\r\no=- {} 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", now),
+        sfu_id: crate::media::SFU_ID.into(),
+        sdp: spacegate_sfu::initial_offer(now),
     }];
     Ok(Admitted {
         credential,

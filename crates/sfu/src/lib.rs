@@ -12,7 +12,7 @@
 //!   tracks forwarded to it. Only one offer is outstanding at a time; changes made while
 //!   one is out are folded into the next.
 //!
-//! The subscriber PC's first offer is [`Sfu::initial_offer`], an SDP without m-lines that
+//! The subscriber PC's first offer is [`initial_offer`], an SDP without m-lines that
 //! the caller puts in the join reply; the real str0m peer is created only when there is
 //! something to forward, so idle members cost no DTLS or ICE state.
 
@@ -256,7 +256,13 @@ pub struct Sfu {
     next_join: u64,
     next_speaker_tick: Instant,
     stats: SfuStats,
-    sdp_version: u64,
+}
+
+/// The subscriber peer connection's first offer: a session without m-lines, which
+/// browsers accept. Put it in the join reply; its answer goes to [`Sfu::sub_answer`], and
+/// the real str0m peer is made only when there is something to send.
+pub fn initial_offer(session_id: u64) -> String {
+    format!("v=0\r\no=- {session_id} 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n")
 }
 
 fn rtc_config(cert: Option<DtlsCert>) -> RtcConfig {
@@ -294,18 +300,7 @@ impl Sfu {
             next_join: 0,
             next_speaker_tick: now,
             stats: SfuStats::default(),
-            sdp_version: 1,
         }
-    }
-
-    /// The subscriber peer connection's first offer: a session without m-lines, which
-    /// browsers accept. Put it in the join reply; its answer goes to [`Sfu::sub_answer`].
-    pub fn initial_offer(&mut self) -> String {
-        self.sdp_version += 1;
-        format!(
-            "v=0\r\no=- {} 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n",
-            self.sdp_version
-        )
     }
 
     pub fn stats(&self) -> SfuStats {
@@ -1057,24 +1052,23 @@ impl Sfu {
     }
 
     fn renegotiate_room(&mut self, room: &Name, now: Instant) {
-        let members = self
-            .rooms
-            .get(room)
-            .map(|r| r.members.clone())
-            .unwrap_or_default();
-        for i in members {
-            self.renegotiate(i, now);
-        }
+        self.renegotiate_where(room, now, |_| true);
     }
 
     fn renegotiate_automatic(&mut self, room: &Name, now: Instant) {
+        self.renegotiate_where(room, now, |m| {
+            matches!(m.mode, SubscriptionMode::Automatic(_))
+        });
+    }
+
+    fn renegotiate_where(&mut self, room: &Name, now: Instant, which: impl Fn(&Member) -> bool) {
         let members = self
             .rooms
             .get(room)
             .map(|r| r.members.clone())
             .unwrap_or_default();
         for i in members {
-            if matches!(self.member(i).mode, SubscriptionMode::Automatic(_)) {
+            if which(self.member(i)) {
                 self.renegotiate(i, now);
             }
         }
