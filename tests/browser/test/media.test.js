@@ -1,45 +1,25 @@
 // @mux/spaces-web 1.2.0, unmodified, in headless Chromium: media through spacegate's SFU.
 'use strict';
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
 const path = require('node:path');
-const { startServer } = require('../../clients/test/harness');
-const { unavailable, serveStatic, launch, join, waitForEvent, publish, inbound, waitForStats } = require('./page');
+const { join, waitForEvent, publish, inbound, waitForStats, useSuite } = require('./page');
 
-const missing = unavailable();
-if (missing && process.env.SPACEGATE_REQUIRE_ALL === '1') {
-  throw new Error(`browser tests cannot run: ${missing}, and SPACEGATE_REQUIRE_ALL=1`);
-}
-if (missing) console.log(`SKIP browser media tests: ${missing}`);
-
-let server; let site; let browser; let mux; let key; let wsBase;
-before(async () => {
-  if (missing) return;
-  server = await startServer();
-  wsBase = server.url.replace('http://', 'ws://');
-  const Mux = require('../../clients/node_modules/mux-node-8');
-  mux = new Mux({ tokenId: server.tokenId, tokenSecret: server.tokenSecret, baseURL: server.url });
-  key = await mux.system.signingKeys.create();
-  site = await serveStatic();
-  browser = await launch();
-});
-after(async () => {
-  if (browser) await browser.close();
-  if (site) site.close();
-  if (server) server.stop();
-});
+// Filled by the suite's before hook: env.mux, env.key, env.browser, env.site, env.wsBase.
+const env = useSuite('browser media tests');
+const { missing } = env;
 
 const sign = (spaceId, params) =>
-  mux.jwt.signSpaceId(spaceId, { keyId: key.id, keySecret: key.private_key, expiration: '1h', params });
+  env.mux.jwt.signSpaceId(spaceId, { keyId: env.key.id, keySecret: env.key.private_key, expiration: '1h', params });
 
 const ARTIFACTS = path.join(__dirname, '../artifacts');
 
 test('two publishers see and hear each other; mute reaches the other page', { skip: missing || false }, async () => {
-  const space = await mux.video.spaces.create();
-  const a = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'alice' }));
+  const space = await env.mux.video.spaces.create();
+  const a = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'alice' }));
   assert.equal(a.result.ok, true, JSON.stringify(a.result));
-  const b = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'bob' }));
+  const b = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'bob' }));
   assert.equal(b.result.ok, true, JSON.stringify(b.result));
   assert.deepEqual((await publish(a.page)).sort(), ['audio', 'video']);
   assert.deepEqual((await publish(b.page)).sort(), ['audio', 'video']);
@@ -65,7 +45,7 @@ test('two publishers see and hear each other; mute reaches the other page', { sk
   await waitForEvent(b.page, ['unmuted', 'alice', 'video']);
 
   // A page with two remote videos, as an artifact (not asserted on pixels).
-  const c = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'carol' }));
+  const c = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'carol' }));
   assert.equal(c.result.ok, true);
   await waitForEvent(c.page, ['subscribed', 'alice', 'video'], 20000);
   await waitForEvent(c.page, ['subscribed', 'bob', 'video'], 20000);
@@ -86,10 +66,10 @@ test('two publishers see and hear each other; mute reaches the other page', { sk
 });
 
 test('a subscriber-role participant sees the publisher and cannot publish', { skip: missing || false }, async () => {
-  const space = await mux.video.spaces.create();
-  const pub = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'pub' }));
+  const space = await env.mux.video.spaces.create();
+  const pub = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'pub' }));
   await publish(pub.page);
-  const sub = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'viewer', role: 'subscriber' }));
+  const sub = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'viewer', role: 'subscriber' }));
   assert.equal(sub.result.ok, true, JSON.stringify(sub.result));
   await waitForEvent(sub.page, ['subscribed', 'pub', 'video'], 20000);
   await waitForStats(sub.page, (s) => s.video.framesDecoded > 20);
@@ -104,10 +84,10 @@ test('a subscriber-role participant sees the publisher and cannot publish', { sk
 });
 
 test('manual mode: nothing until subscribe(), and unsubscribe() stops it', { skip: missing || false }, async () => {
-  const space = await mux.video.spaces.create();
-  const pub = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'm-pub' }));
+  const space = await env.mux.video.spaces.create();
+  const pub = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'm-pub' }));
   await publish(pub.page);
-  const viewer = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'm-viewer' }),
+  const viewer = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'm-viewer' }),
     { subscriptionMode: 'MANUAL' });
   assert.equal(viewer.result.ok, true, JSON.stringify(viewer.result));
   await waitForEvent(viewer.page, ['joined', 'm-pub', null]);
@@ -133,17 +113,17 @@ test('manual mode: nothing until subscribe(), and unsubscribe() stops it', { ski
 });
 
 test('automatic mode with automaticParticipantLimit 2 and 4 publishers: at most 2 remote videos', { skip: missing || false }, async () => {
-  const space = await mux.video.spaces.create();
+  const space = await env.mux.video.spaces.create();
   const pubs = [];
   for (const id of ['p1', 'p2', 'p3', 'p4']) {
     // Publishers subscribe to nothing (manual mode), to spare the 2-core CI machine.
-    const p = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: id }),
+    const p = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: id }),
       { subscriptionMode: 'MANUAL' });
     assert.equal(p.result.ok, true, JSON.stringify(p.result));
     await publish(p.page, { audio: true, video: { width: 320, height: 240 } });
     pubs.push(p);
   }
-  const viewer = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'auto-viewer' }),
+  const viewer = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'auto-viewer' }),
     { automaticParticipantLimit: 2 });
   assert.equal(viewer.result.ok, true, JSON.stringify(viewer.result));
   await viewer.page.waitForFunction(
@@ -168,9 +148,9 @@ test('automatic mode with automaticParticipantLimit 2 and 4 publishers: at most 
 });
 
 test('reconnect: a dropped socket comes back with its participant_id and tracks, and video resumes', { skip: missing || false }, async () => {
-  const space = await mux.video.spaces.create();
-  const a = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'r-alice' }));
-  const b = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'r-bob' }));
+  const space = await env.mux.video.spaces.create();
+  const a = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'r-alice' }));
+  const b = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'r-bob' }));
   await publish(a.page);
   await waitForEvent(b.page, ['subscribed', 'r-alice', 'video'], 20000);
   await waitForStats(b.page, (s) => s.video.framesDecoded > 10);
@@ -193,11 +173,11 @@ test('reconnect: a dropped socket comes back with its participant_id and tracks,
 });
 
 test('H.264 from a publisher that offers only H.264 is forwarded and decoded', { skip: missing || false }, async () => {
-  const space = await mux.video.spaces.create();
-  const pub = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'h264-pub' }));
+  const space = await env.mux.video.spaces.create();
+  const pub = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'h264-pub' }));
   await pub.page.evaluate(() => { window.forceH264 = true; });
   await publish(pub.page, { audio: true, video: { width: 640, height: 480 } });
-  const viewer = await join(browser.context, site.url, wsBase, await sign(space.id, { participant_id: 'h264-viewer' }));
+  const viewer = await join(env.browser.context, env.site.url, env.wsBase, await sign(space.id, { participant_id: 'h264-viewer' }));
   await waitForEvent(viewer.page, ['subscribed', 'h264-pub', 'video'], 20000);
   const s = await waitForStats(viewer.page, (x) => x.video.framesDecoded > 20);
   assert.deepEqual(s.video.codecs, ['video/H264']);

@@ -189,4 +189,37 @@ async function waitForEvent(page, match, timeout = 10000) {
   await page.waitForFunction((m) => window.events.some((e) => m.every((v, i) => v === null || e[i] === v)), match, { timeout });
 }
 
-module.exports = { unavailable, serveStatic, launch, join, waitForEvent, publish, inbound, waitForStats };
+/**
+ * Registers the suite's before/after hooks: a spacegate, a mux-node 8 client on it with a
+ * signing key and a space, the page server and a browser. Returns the object they are filled into,
+ * and `missing` (why the suite is skipped, or null; a failure under SPACEGATE_REQUIRE_ALL).
+ */
+function useSuite(name) {
+  const { before, after } = require('node:test');
+  const { startServer } = require('../../clients/test/harness');
+  const missing = unavailable();
+  if (missing && process.env.SPACEGATE_REQUIRE_ALL === '1') {
+    throw new Error(`browser tests cannot run: ${missing}, and SPACEGATE_REQUIRE_ALL=1`);
+  }
+  if (missing) console.log(`SKIP ${name}: ${missing}`);
+  const s = { missing };
+  before(async () => {
+    if (missing) return;
+    s.server = await startServer();
+    s.wsBase = s.server.url.replace('http://', 'ws://');
+    const Mux = require('../../clients/node_modules/mux-node-8');
+    s.mux = new Mux({ tokenId: s.server.tokenId, tokenSecret: s.server.tokenSecret, baseURL: s.server.url });
+    s.key = await s.mux.system.signingKeys.create();
+    s.space = await s.mux.video.spaces.create();
+    s.site = await serveStatic();
+    s.browser = await launch();
+  });
+  after(async () => {
+    if (s.browser) await s.browser.close();
+    if (s.site) s.site.close();
+    if (s.server) s.server.stop();
+  });
+  return s;
+}
+
+module.exports = { unavailable, serveStatic, launch, join, waitForEvent, publish, inbound, waitForStats, useSuite };

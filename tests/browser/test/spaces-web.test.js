@@ -1,43 +1,23 @@
 // @mux/spaces-web 1.2.0, unmodified, in headless Chromium, against a real spacegate:
 // the scenarios that need no media (join, events, refusals, leave).
 'use strict';
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
-const { startServer } = require('../../clients/test/harness');
-const { unavailable, serveStatic, launch, join, waitForEvent } = require('./page');
+const { join, waitForEvent, useSuite } = require('./page');
 
-const missing = unavailable();
-if (missing && process.env.SPACEGATE_REQUIRE_ALL === '1') {
-  throw new Error(`browser tests cannot run: ${missing}, and SPACEGATE_REQUIRE_ALL=1`);
-}
-if (missing) console.log(`SKIP browser tests: ${missing}`);
+// Filled by the suite's before hook: env.mux, env.key, env.space, env.browser, env.site,
+// env.wsBase.
+const env = useSuite('browser tests');
+const { missing } = env;
 
-let server; let site; let browser; let mux; let key; let space; let wsBase;
-before(async () => {
-  if (missing) return;
-  server = await startServer();
-  wsBase = server.url.replace('http://', 'ws://');
-  const Mux = require('../../clients/node_modules/mux-node-8');
-  mux = new Mux({ tokenId: server.tokenId, tokenSecret: server.tokenSecret, baseURL: server.url });
-  key = await mux.system.signingKeys.create();
-  space = await mux.video.spaces.create();
-  site = await serveStatic();
-  browser = await launch();
-});
-after(async () => {
-  if (browser) await browser.close();
-  if (site) site.close();
-  if (server) server.stop();
-});
-
-const sign = (params, expiration = '1h', spaceId = space.id, k = key) =>
-  mux.jwt.signSpaceId(spaceId, { keyId: k.id, keySecret: k.private_key, expiration, params });
+const sign = (params, expiration = '1h', spaceId = env.space.id, k = env.key) =>
+  env.mux.jwt.signSpaceId(spaceId, { keyId: k.id, keySecret: k.private_key, expiration, params });
 
 test('two pages join, see each other, and exchange names and custom events', { skip: missing || false }, async () => {
-  const a = await join(browser.context, site.url, wsBase, await sign({ participant_id: 'alice' }), { displayName: 'Alice' });
+  const a = await join(env.browser.context, env.site.url, env.wsBase, await sign({ participant_id: 'alice' }), { displayName: 'Alice' });
   assert.deepEqual(a.result.ok, true, JSON.stringify(a.result));
   assert.equal(a.result.id, 'alice');
-  const b = await join(browser.context, site.url, wsBase, await sign({ participant_id: 'bob' }));
+  const b = await join(env.browser.context, env.site.url, env.wsBase, await sign({ participant_id: 'bob' }));
   assert.equal(b.result.ok, true, JSON.stringify(b.result));
   // Bob sees alice from the snapshot, alice sees bob arrive.
   await waitForEvent(b.page, ['joined', 'alice', 'Alice']);
@@ -62,7 +42,7 @@ test('two pages join, see each other, and exchange names and custom events', { s
   await waitForEvent(a.page, ['left', 'bob']);
   let again;
   for (let i = 0; i < 50; i += 1) {
-    again = await join(browser.context, site.url, wsBase, await sign({ participant_id: 'bob', n: i }));
+    again = await join(env.browser.context, env.site.url, env.wsBase, await sign({ participant_id: 'bob', n: i }));
     if (again.result.ok) break;
     await again.page.close();
     await new Promise((r) => setTimeout(r, 100));
@@ -72,28 +52,28 @@ test('two pages join, see each other, and exchange names and custom events', { s
 });
 
 test('a duplicate participant_id is rejected with JWTError and the first stays', { skip: missing || false }, async () => {
-  const first = await join(browser.context, site.url, wsBase, await sign({ participant_id: 'carol' }));
+  const first = await join(env.browser.context, env.site.url, env.wsBase, await sign({ participant_id: 'carol' }));
   assert.equal(first.result.ok, true);
-  const second = await join(browser.context, site.url, wsBase, await sign({ participant_id: 'carol' }));
+  const second = await join(env.browser.context, env.site.url, env.wsBase, await sign({ participant_id: 'carol' }));
   assert.equal(second.result.ok, false);
   assert.equal(second.result.jwt, true, JSON.stringify(second.result));
   assert.match(second.result.message, /already connected/);
   // The first is still in the space: a newcomer sees it.
-  const watcher = await join(browser.context, site.url, wsBase, await sign({ participant_id: 'watcher' }));
+  const watcher = await join(env.browser.context, env.site.url, env.wsBase, await sign({ participant_id: 'watcher' }));
   await waitForEvent(watcher.page, ['joined', 'carol', null]);
   await Promise.all([first.page.close(), second.page.close(), watcher.page.close()]);
 });
 
 test('expired tokens and deleted keys are JWTErrors, with no retry storm', { skip: missing || false }, async () => {
-  const expired = await join(browser.context, site.url, wsBase, await sign({}, Math.floor(Date.now() / 1000) - 3600));
+  const expired = await join(env.browser.context, env.site.url, env.wsBase, await sign({}, Math.floor(Date.now() / 1000) - 3600));
   assert.equal(expired.result.ok, false);
   assert.equal(expired.result.jwt, true, JSON.stringify(expired.result));
   assert.match(expired.result.message, /expired/);
 
-  const doomed = await mux.system.signingKeys.create();
-  const token = await sign({}, '1h', space.id, doomed);
-  await mux.system.signingKeys.delete(doomed.id);
-  const deleted = await join(browser.context, site.url, wsBase, token);
+  const doomed = await env.mux.system.signingKeys.create();
+  const token = await sign({}, '1h', env.space.id, doomed);
+  await env.mux.system.signingKeys.delete(doomed.id);
+  const deleted = await join(env.browser.context, env.site.url, env.wsBase, token);
   assert.equal(deleted.result.ok, false);
   assert.equal(deleted.result.jwt, true);
   assert.match(deleted.result.message, /unknown or deleted/);
