@@ -25,6 +25,30 @@ pub struct FileConfig {
     pub media_listen: Option<SocketAddr>,
     pub media_public_ip: Option<IpAddr>,
     pub ice_servers: Option<Vec<IceServerConfig>>,
+    pub simulcast: Option<SimulcastConfig>,
+}
+
+/// Simulcast layers the SDK is told to send (`joined.simulcast`), lowest first.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulcastConfig {
+    #[serde(default)]
+    pub camera: Vec<EncodingConfig>,
+    #[serde(default)]
+    pub screenshare: Vec<EncodingConfig>,
+}
+
+/// One simulcast layer; zero leaves a value to the browser.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodingConfig {
+    pub rid: String,
+    #[serde(default)]
+    pub max_bitrate: f64,
+    #[serde(default)]
+    pub scale_resolution_down_by: f64,
+    #[serde(default)]
+    pub max_framerate: f64,
 }
 
 /// A STUN or TURN server handed to clients in `joined.ice_servers`.
@@ -49,7 +73,21 @@ impl FileConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let file: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(s) = &file.simulcast {
+            for l in s.camera.iter().chain(&s.screenshare) {
+                // Browsers refuse other rids (RFC 8851 and the one-byte header extension).
+                let ok = (1..=16).contains(&l.rid.len())
+                    && l.rid.bytes().all(|b| b.is_ascii_alphanumeric());
+                if !ok {
+                    return Err(format!(
+                        "simulcast rid {:?} must be 1 to 16 letters or digits",
+                        l.rid
+                    ));
+                }
+            }
+        }
+        Ok(file)
     }
 }
 
@@ -62,7 +100,7 @@ pub enum ConfigError {
 }
 
 /// The resolved configuration the server runs with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where the API (and, later, the WebSocket gateway) listens. Port 0 picks a free port.
     pub listen: SocketAddr,
@@ -82,6 +120,8 @@ pub struct Config {
     /// Given to clients as `ice_servers`. Empty means none: the server's ICE-lite host
     /// candidate is reachable directly, and Google's default STUN is not used.
     pub ice_servers: Vec<IceServerConfig>,
+    /// Empty (the default): browsers send one encoding per video track.
+    pub simulcast: SimulcastConfig,
 }
 
 /// Values from flags or environment variables (clap merges those two).
@@ -108,6 +148,7 @@ impl Config {
             media_listen: over.media_listen.or(file.media_listen).unwrap_or(listen),
             media_public_ip: over.media_public_ip.or(file.media_public_ip),
             ice_servers: file.ice_servers.unwrap_or_default(),
+            simulcast: file.simulcast.unwrap_or_default(),
             data_dir: over
                 .data_dir
                 .or(file.data_dir)
@@ -135,6 +176,18 @@ mod tests {
         let file = FileConfig::parse(text).expect("example config is valid");
         assert!(file.listen.is_some() && file.data_dir.is_some());
         assert!(file.media_listen.is_some() && file.ice_servers.is_some());
+        let layers = file.simulcast.expect("simulcast example").camera;
+        assert_eq!(
+            layers.iter().map(|l| l.rid.as_str()).collect::<Vec<_>>(),
+            ["l", "h"]
+        );
+    }
+
+    #[test]
+    fn simulcast_rids_browsers_would_refuse_are_refused() {
+        let err =
+            FileConfig::parse("[[simulcast.camera]]\nrid = \"hi-res!\"\n").expect_err("bad rid");
+        assert!(err.contains("hi-res!"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use spacegate_auth::{PrivateKey, SignOptions, VerifyOptions};
-use spacegate_proto::signaling::IceServer;
+use spacegate_proto::signaling::{IceServer, SignalEncoding, Simulcast};
 use spacegate_proto::{AccessTokenId, KeyId, ParticipantId, Role, SpaceId};
 use spacegate_server::config::{Config, FileConfig, Overrides};
 use spacegate_server::gateway::GatewayConfig;
@@ -219,6 +219,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
                         credential: s.credential.clone(),
                     })
                     .collect(),
+                simulcast: Simulcast {
+                    camera_encodings: encodings(&config.simulcast.camera),
+                    screenshare_encodings: encodings(&config.simulcast.screenshare),
+                },
                 ..SpaceConfig::default()
             }),
             media: MediaConfig {
@@ -243,6 +247,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
     spacegate_server::run(state, listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn encodings(layers: &[spacegate_server::config::EncodingConfig]) -> Vec<SignalEncoding> {
+    layers
+        .iter()
+        .map(|l| SignalEncoding {
+            rid: l.rid.clone(),
+            max_bitrate: l.max_bitrate,
+            scale_resolution_down_by: l.scale_resolution_down_by,
+            max_framerate: l.max_framerate,
+        })
+        .collect()
 }
 
 /// Binds with a deep accept queue: a burst of joins (every SDK client reconnecting after a

@@ -162,7 +162,10 @@ async function inbound(page) {
         if (!k) return;
         k.streams += 1;
         k.packetsReceived += s.packetsReceived || 0;
-        if (s.kind === 'video') k.framesDecoded += s.framesDecoded || 0;
+        if (s.kind === 'video') {
+          k.framesDecoded += s.framesDecoded || 0;
+          k.frameWidth = Math.max(k.frameWidth || 0, s.frameWidth || 0);
+        }
         // Which codec arrived (mimeType of the stream's codec entry).
         const codec = s.codecId && stats.get(s.codecId);
         if (codec) k.codecs = [...new Set([...(k.codecs || []), codec.mimeType])];
@@ -194,7 +197,7 @@ async function waitForEvent(page, match, timeout = 10000) {
  * signing key and a space, the page server and a browser. Returns the object they are filled into,
  * and `missing` (why the suite is skipped, or null; a failure under SPACEGATE_REQUIRE_ALL).
  */
-function useSuite(name) {
+function useSuite(name, serverOptions = {}) {
   const { before, after } = require('node:test');
   const { startServer } = require('../../clients/test/harness');
   const missing = unavailable();
@@ -205,7 +208,7 @@ function useSuite(name) {
   const s = { missing };
   before(async () => {
     if (missing) return;
-    s.server = await startServer();
+    s.server = await startServer(serverOptions);
     s.wsBase = s.server.url.replace('http://', 'ws://');
     const Mux = require('../../clients/node_modules/mux-node-8');
     s.mux = new Mux({ tokenId: s.server.tokenId, tokenSecret: s.server.tokenSecret, baseURL: s.server.url });

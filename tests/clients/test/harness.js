@@ -10,12 +10,19 @@ const readline = require('node:readline');
 const BIN = process.env.SPACEGATE_BIN
   || path.resolve(__dirname, '../../../target/debug/spacegate');
 
-async function startServer() {
+/** Starts spacegate; `config` is TOML text for `--config`, if any. */
+async function startServer({ config } = {}) {
   if (!fs.existsSync(BIN)) {
     throw new Error(`spacegate binary not found at ${BIN}: run cargo build first or set SPACEGATE_BIN`);
   }
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'spacegate-clients-'));
-  const child = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
+  const args = ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir];
+  if (config) {
+    const file = path.join(dataDir, 'spacegate.toml');
+    fs.writeFileSync(file, config);
+    args.push('--config', file);
+  }
+  const child = spawn(BIN, args, {
     env: { ...process.env, SPACEGATE_LOG: process.env.SPACEGATE_LOG || 'warn' },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
