@@ -390,6 +390,17 @@ impl Sfu {
             .into_iter()
             .flatten()
         {
+            // A graceful close sends RTCP BYE and DTLS close_notify, so a client that is
+            // still there (an evicted ghost) learns at once instead of timing out.
+            if peer.rtc.close().is_ok() {
+                for _ in 0..64 {
+                    match peer.rtc.poll_output() {
+                        Ok(Output::Transmit(t)) => self.transmits.push_back(t),
+                        Ok(Output::Event(_)) => {}
+                        Ok(Output::Timeout(_)) | Err(_) => break,
+                    }
+                }
+            }
             peer.rtc.disconnect();
         }
         let room_name = m.room.clone();
