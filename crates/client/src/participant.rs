@@ -180,20 +180,24 @@ impl Participant {
         let pc = match &self.publisher {
             Some(pc) => pc.clone(),
             None => {
-                let pc = Arc::new(PubPc::new().await?);
+                let pc = Arc::new(PubPc::new().await.context("creating the publisher PC")?);
                 self.publisher = Some(pc.clone());
                 pc
             }
         };
         for t in tracks {
             if t.rids.is_empty() {
-                pc.add_track(&t.tid, t.kind).await?;
+                pc.add_track(&t.tid, t.kind)
+                    .await
+                    .context("adding a track")?;
             } else {
                 let rids: Vec<&str> = t.rids.iter().map(String::as_str).collect();
-                pc.add_simulcast_video(&t.tid, &rids).await?;
+                pc.add_simulcast_video(&t.tid, &rids)
+                    .await
+                    .context("adding a simulcast track")?;
             }
         }
-        let offer = pc.create_offer(false).await?;
+        let offer = pc.create_offer(false).await.context("creating the offer")?;
         for t in tracks {
             let mid = pc
                 .mid_of(&t.tid)
@@ -242,11 +246,15 @@ impl Participant {
     async fn negotiate(&mut self, pc: &PubPc, offer: String) -> anyhow::Result<()> {
         self.session.send(ClientMessage::Offer(offer), None).await?;
         loop {
-            let m = self.session.next().await?;
-            self.absorb(&m).await?;
+            let m = self
+                .session
+                .next()
+                .await
+                .context("waiting for the answer")?;
+            self.absorb(&m).await.context("answering a sub_offer")?;
             match m.message {
                 ServerMessage::Answer(sdp) => {
-                    pc.set_answer(&sdp).await?;
+                    pc.set_answer(&sdp).await.context("applying the answer")?;
                     self.last_answer = sdp;
                     return Ok(());
                 }

@@ -146,20 +146,22 @@ impl Gateway {
             }
         });
         let (media_tx, media_rx) = crate::media::channel();
-        Ok(Arc::new_cyclic(|weak| {
-            crate::media::spawn(socket, candidate, media_rx, weak.clone());
-            Gateway {
-                registry,
-                config,
-                spaces: Mutex::new(HashMap::new()),
-                conns: Mutex::new(HashMap::new()),
-                departed: Mutex::new(HashMap::new()),
-                activity,
-                drain: watch::channel(false).0,
-                started: Instant::now(),
-                media: crate::media::handle(media_tx, local_addr, candidate),
-            }
-        }))
+        let gateway = Arc::new(Gateway {
+            registry,
+            config,
+            spaces: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashMap::new()),
+            activity,
+            drain: watch::channel(false).0,
+            started: Instant::now(),
+            media: crate::media::handle(media_tx, local_addr, candidate),
+        });
+        // Started only once the gateway exists: the task stops when it can no longer
+        // reach the gateway, and a task spawned inside `Arc::new_cyclic` could run before
+        // the Arc is complete, find nothing, and stop for good.
+        crate::media::spawn(socket, candidate, media_rx, Arc::downgrade(&gateway));
+        Ok(gateway)
     }
 
     /// Milliseconds on the gateway's monotonic clock: the virtual time the sans-IO parts

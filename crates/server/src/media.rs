@@ -209,6 +209,7 @@ fn command(sfu: &mut Sfu, gw: &Gateway, c: Command) {
         }
         Command::Message { member, message } => {
             if let Some(reply) = message_in(sfu, &member, message, now) {
+                tracing::debug!(%member, len = reply.len(), "media reply");
                 gw.send_frame(&member, reply);
             }
         }

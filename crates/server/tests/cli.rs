@@ -518,3 +518,66 @@ fn media_shares_the_port_number_and_takes_public_ip_and_ice_servers_from_config(
     assert_eq!(joined.ice_servers[0].urls, ["turn:turn.example.org:3478"]);
     assert_eq!(joined.ice_servers[0].username.as_deref(), Some("u"));
 }
+
+#[test]
+fn the_media_plane_answers_from_the_first_moment_even_on_one_core() {
+    // Regression: the media task was once spawned before the gateway it serves existed;
+    // when the scheduler ran it first (likely on one core) it found no gateway and
+    // stopped, and no offer was ever answered. Pinned to one core where `taskset` exists.
+    let pinned = Command::new("taskset").arg("-V").output().is_ok();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for attempt in 0..16 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = if pinned {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0", BIN]);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        cmd.current_dir(dir.path())
+            .env_remove("SPACEGATE_CONFIG")
+            .env_remove("SPACEGATE_DATA_DIR")
+            .env_remove("SPACEGATE_LISTEN")
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+        let r = start(cmd);
+        let token = r.token.clone().expect("token");
+        let space = create(&r, &token, "/video/v1/spaces")["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let key = create(&r, &token, "/system/v1/signing-keys");
+        let jwt = run_ok(spacegate(dir.path()).args([
+            "sign",
+            &space,
+            "--key-id",
+            key["id"].as_str().expect("kid"),
+            "--private-key",
+            key["private_key"].as_str().expect("key"),
+        ]));
+        let ws = r.url.replace("http://", "ws://");
+        let reply = rt.block_on(async {
+            let mut s = spacegate_client::Session::join(&ws, jwt.trim(), &Default::default())
+                .await
+                .expect("join");
+            // Only the media plane answers an offer, even a malformed one.
+            s.send(
+                spacegate_proto::signaling::ClientMessage::Offer("not sdp".into()),
+                None,
+            )
+            .await
+            .expect("send");
+            s.next().await
+        });
+        let Ok(m) = reply else {
+            panic!("attempt {attempt}: no answer to an offer: {reply:?}");
+        };
+        assert!(
+            matches!(&m.message, spacegate_proto::signaling::ServerMessage::Error(e) if e.message.contains("offer refused")),
+            "{m:?}"
+        );
+    }
+}
