@@ -235,6 +235,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     )
     .with_context(|| format!("binding the media socket {media_listen}"))?;
     let media = &state.gateway.media;
+    let shutdown = shutdown_signal();
     writeln!(out, "spacegate: listening on http://{addr}")?;
     writeln!(
         out,
@@ -244,7 +245,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     out.flush()?;
     drop(out);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
-    spacegate_server::run(state, listener, shutdown_signal()).await?;
+    spacegate_server::run(state, listener, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -276,26 +277,40 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(4096)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Registers for SIGINT and SIGTERM now, and resolves when one arrives. Registering
+/// before "listening" is printed matters: a supervisor may signal as soon as it reads
+/// that line, and a signal before registration would kill the process ungracefully.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (int, term) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(int) => {},
+                () = wait(term) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
