@@ -7,12 +7,13 @@
 #   per peer connection.
 #
 #   benches/media.sh                      # N = 1 10 50, 20 s each, 300 video packets/s
-#   SUBS="10" SECS=10 VIDEO_PPS=600 benches/media.sh
+#   SUBS="10" SECS=10 VIDEO_PPS=60 FRAME_BYTES=6000 benches/media.sh   # 60 fps, ~5 packets/frame
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUBS=${SUBS:-"1 10 50"}
 SECS=${SECS:-20}
 VIDEO_PPS=${VIDEO_PPS:-300}
+FRAME_BYTES=${FRAME_BYTES:-1000}
 
 cargo build --release --quiet --bin spacegate --bin spacegate-load
 BIN=target/release
@@ -29,6 +30,6 @@ for N in $SUBS; do
   export MUX_TOKEN_ID=$(sed -n 's/^ *MUX_TOKEN_ID=//p' "$WORK/out")
   export MUX_TOKEN_SECRET=$(sed -n 's/^ *MUX_TOKEN_SECRET=//p' "$WORK/out")
   taskset -c 1 "$BIN/spacegate-load" media --url "$URL" --subscribers "$N" --secs "$SECS" \
-    --video-pps "$VIDEO_PPS" --server-pid "$SERVER"
+    --video-pps "$VIDEO_PPS" --frame-bytes "$FRAME_BYTES" --server-pid "$SERVER"
   kill "$SERVER"; wait "$SERVER" 2>/dev/null || true
 done

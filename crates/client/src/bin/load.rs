@@ -336,11 +336,14 @@ async fn run_media(
         "mode": "media",
         "subscribers": subscribers,
         "seconds": elapsed.as_secs_f64(),
-        "published_packets_per_sec": (published / elapsed.as_secs_f64()).round(),
+        // Frames written (audio + video); a video frame over ~1100 bytes is several packets.
+        "published_frames_per_sec": (published / elapsed.as_secs_f64()).round(),
         "forwarded_packets_per_sec": (forwarded / elapsed.as_secs_f64()).round(),
-        // Fraction of what the publisher sent that reached each subscriber.
-        "delivery_ratio": if published > 0.0 { forwarded / (published * subscribers as f64) } else { 0.0 },
     });
+    if frame_bytes <= 1100 && published > 0.0 {
+        // One packet per frame: the fraction of what was sent that reached each subscriber.
+        out["delivery_ratio"] = serde_json::json!(forwarded / (published * subscribers as f64));
+    }
     if let (Some(a), Some(b)) = (cpu0, cpu1)
         && forwarded > 0.0
     {
