@@ -862,6 +862,11 @@ impl SubPc {
         )
     }
 
+    /// The last offer applied (for tests that look at the SDP itself).
+    pub fn last_offer(&self) -> Option<String> {
+        lock(&self.last_offer).clone()
+    }
+
     /// Stream ids (first `msid` token) the last applied offer sends: sections that are
     /// `sendonly` or `sendrecv`, not rejected, and carry an msid.
     pub fn active_streams(&self) -> Vec<String> {

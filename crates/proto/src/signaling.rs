@@ -8,9 +8,11 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-/// Largest text frame either side accepts. The biggest legitimate message is an SDP offer
-/// (a few KiB per m-section); 64 KiB leaves ample room while bounding per-frame work.
-pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Largest text frame either side accepts. The biggest legitimate messages are SDPs: about
+/// 3 KiB per video m-section with a browser's codec list, and the SDK never reuses a
+/// transceiver, so a long meeting's publisher offer grows by one section per publish.
+/// 256 KiB is some 80 sections while still bounding per-frame work.
+pub const MAX_FRAME_BYTES: usize = 256 * 1024;
 
 /// Longest display name, in UTF-16 code units as the SDK counts them.
 pub const MAX_DISPLAY_NAME: usize = 64;

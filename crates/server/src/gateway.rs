@@ -78,6 +78,8 @@ struct Conn {
     tx: mpsc::Sender<Arc<str>>,
     /// Set when the connection must go: replaced by a reconnect, or too slow.
     kill: Arc<Notify>,
+    /// Set when the client should come back (close 1012): its media peers broke.
+    restart: Arc<Notify>,
 }
 
 struct Slot {
@@ -229,6 +231,14 @@ impl Gateway {
             && c.tx.try_send(frame).is_err()
         {
             c.kill.notify_one();
+        }
+    }
+
+    /// Closes a connection with "service restart" (1012), which makes the SDK reconnect
+    /// and build new peer connections.
+    pub(crate) fn ask_to_reconnect(&self, to: &ConnectionId) {
+        if let Some(c) = lock(&self.conns).get(to) {
+            c.restart.notify_one();
         }
     }
 
@@ -413,6 +423,7 @@ struct Admitted {
     joiner: Joiner,
     credential: String,
     kill: Arc<Notify>,
+    restart: Arc<Notify>,
     rx: mpsc::Receiver<Arc<str>>,
 }
 
@@ -595,17 +606,24 @@ async fn admit(
 
     let (tx, rx) = mpsc::channel(gw.config.outbound_queue);
     let kill = Arc::new(Notify::new());
+    let restart = Arc::new(Notify::new());
     lock(&gw.conns).insert(
         connection_id.clone(),
         Conn {
             tx,
             kill: kill.clone(),
+            restart: restart.clone(),
         },
     );
     if let Some(old) = &reservation.replaced {
         // The stale connection of a reconnecting participant: out of the space now, and
         // its socket told to go (with 4000, so a ghost that is still alive stays away).
         gw.with_space(&claims.space_id, |space, out| space.leave(old, out));
+        // Its media goes now too, before the newcomer re-publishes the same tids: the
+        // ghost's own leave only comes after its socket's close handshake (seconds).
+        gw.media.send(crate::media::Command::Leave {
+            member: old.clone(),
+        });
         if let Some(c) = lock(&gw.conns).get(old) {
             c.kill.notify_one();
         }
@@ -627,6 +645,7 @@ async fn admit(
             sub_sfus,
         },
         kill,
+        restart,
         rx,
     })
 }
@@ -638,6 +657,7 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
         joiner,
         credential,
         kill,
+        restart,
         mut rx,
     } = a;
     let conn = joiner.connection_id.clone();
@@ -713,6 +733,7 @@ async fn serve(state: AppState, a: Admitted, mut socket: WebSocket) {
                 }
             }
             () = kill.notified() => break Some(CLOSE_NO_RECONNECT),
+            () = restart.notified() => break Some(CLOSE_RESTART),
             () = drained(&mut drain) => break Some(CLOSE_RESTART),
         }
     };

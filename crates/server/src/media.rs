@@ -230,7 +230,7 @@ fn message_in(
                 TrackKind::Audio => spacegate_sfu::TrackKind::Audio,
                 TrackKind::Video => spacegate_sfu::TrackKind::Video,
             };
-            sfu.pending_track(m, &p.mid, &p.tid, kind);
+            sfu.pending_track(m, &p.mid, &p.tid, kind, p.muted);
             None
         }
         ClientMessage::Offer(sdp) => Some(match sfu.offer(m, &sdp, now) {
@@ -322,6 +322,12 @@ fn event(gw: &Gateway, e: SfuEvent) {
         SfuEvent::TrackUnpublished { room, member, tid } => {
             if let (Some(s), Some(c)) = (space(&room), conn(&member)) {
                 gw.with_existing_space(&s, |space, out| space.track_unpublished(&c, &tid, out));
+            }
+        }
+        SfuEvent::PeerFailed { member, .. } => {
+            if let Some(c) = conn(&member) {
+                tracing::info!(%c, "a peer connection failed; asking the client to reconnect");
+                gw.ask_to_reconnect(&c);
             }
         }
         SfuEvent::ActiveSpeakers { room, speakers } => {

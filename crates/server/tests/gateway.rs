@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use spacegate_auth::{PrivateKey, SignOptions, sign, sign_raw};
 use spacegate_client::{ClientError, JoinOptions, Session, join_url};
 use spacegate_proto::Role;
-use spacegate_proto::signaling::{ClientMessage, PendingTrack, ServerMessage, TrackKind};
+use spacegate_proto::signaling::{
+    ClientMessage, MAX_FRAME_BYTES, PendingTrack, ServerMessage, TrackKind,
+};
 use spacegate_server::gateway::GatewayConfig;
 use spacegate_signaling::SpaceConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -550,7 +552,7 @@ async fn oversized_frames_and_floods_end_the_connection() {
     let fx = Fx::new().await;
     let mut big = fx.join("big").await;
     big.send_raw(Message::Text(
-        format!(r#"{{"offer":"{}"}}"#, "a".repeat(70 * 1024)).into(),
+        format!(r#"{{"offer":"{}"}}"#, "a".repeat(MAX_FRAME_BYTES + 1024)).into(),
     ))
     .await
     .expect("send");

@@ -347,7 +347,7 @@ async fn manual_subscriptions_deliver_only_what_was_asked_for() {
 async fn automatic_mode_with_fewer_slots_than_publishers_follows_the_loudest_speaker() {
     let fx = Fx::new().await;
     // Three silent publishers; the viewer has room for one.
-    let (_p1, _m1) = publisher(&fx, "p1", 127).await;
+    let (_p1, m1) = publisher(&fx, "p1", 127).await;
     let (_p2, _m2) = publisher(&fx, "p2", 127).await;
     let (p3, m3) = publisher(&fx, "p3", 127).await;
     let mut viewer = fx.join_with("viewer", 1).await;
@@ -399,6 +399,30 @@ async fn automatic_mode_with_fewer_slots_than_publishers_follows_the_loudest_spe
     let mut s = viewer.sub.active_streams();
     s.sort();
     assert_eq!(s, ["p3-a", "p3-v"]);
+
+    // p1 speaks: the slot goes back to p1, in p1's old sections, so swapping speakers
+    // does not grow the SDP (4 sections, not 6).
+    m1.level.store(10, Ordering::Relaxed);
+    viewer
+        .pump_until(WAIT, |p| {
+            let mut s = p.sub.active_streams();
+            s.sort();
+            s == ["p1-a", "p1-v"]
+        })
+        .await
+        .expect("back to p1");
+    let sections = viewer
+        .sub
+        .last_offer()
+        .expect("offer")
+        .matches("\r\nm=")
+        .count();
+    assert_eq!(sections, 4, "dormant sections are reused");
+    let seen = packets(&viewer, "p1-v");
+    viewer
+        .pump_until(WAIT, |p| packets(p, "p1-v") > seen + 10)
+        .await
+        .expect("p1's video flows again in its old section");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,10 @@ pub enum SfuEvent {
         member: Name,
         tid: String,
     },
+    /// A peer connection of `member` broke in a way only a new one can fix (a failed
+    /// answer, a DTLS/SRTP error). The SDK builds new ones when it reconnects, so the
+    /// embedder should close its signaling connection with a "reconnect" code.
+    PeerFailed { room: Name, member: Name },
     /// The room's speaking audio tracks changed: `(member, tid)`, loudest first.
     ActiveSpeakers {
         room: Name,
@@ -157,6 +161,13 @@ pub struct SfuStats {
     pub timer_wakeups: u64,
 }
 
+/// Source addresses one peer connection may use.
+const MAX_ROUTES_PER_PEER: usize = 8;
+
+/// STUN checks per second from unknown addresses that may be matched against every peer
+/// (each costs a scan); beyond that they are dropped until the budget refills.
+const UNKNOWN_STUN_PER_SECOND: f64 = 1000.0;
+
 /// A published track: (publisher slab index, publisher's join number, publisher mid).
 /// The join number keeps a slot of a departed member from matching the next member
 /// that reuses its index and mids (a reconnect re-publishes on the same mids).
@@ -191,9 +202,12 @@ struct PubTrack {
 struct Slot {
     mid: Mid,
     kind: TrackKind,
-    /// The forwarded track; `None` once deactivated (slots are never reused: the SDK keys
-    /// receivers by stream id, and str0m fixes a section's stream id at creation).
+    /// The forwarded track; `None` while inactive.
     track: Option<TrackKey>,
+    /// The track it last carried: only that track may bring it back to life (str0m fixes a
+    /// section's stream id, the tid the SDK matches on, at creation), which keeps the SDP
+    /// from growing when automatic mode swaps the same publishers in and out.
+    last_track: Option<TrackKey>,
     /// Accepted by the client, so writable.
     negotiated: bool,
     /// The simulcast layer being forwarded, and the one to switch to at its next keyframe.
@@ -219,13 +233,11 @@ struct Member {
     joined_seq: u64,
     mode: SubscriptionMode,
     publisher: Option<Peer>,
-    /// mid → (tid, kind) from `pending_track`.
-    announced: HashMap<Mid, (String, TrackKind)>,
+    /// mid → (tid, kind, muted) from `pending_track` (and mute messages before publish).
+    announced: HashMap<Mid, (String, TrackKind, bool)>,
     tracks: HashMap<Mid, PubTrack>,
     subscriber: Option<Peer>,
     negotiation: Negotiation,
-    /// Wanted changes while an offer was out.
-    dirty: bool,
     slots: Vec<Slot>,
     /// Manual subscriptions: (publisher member, tid).
     manual: HashSet<(Name, String)>,
@@ -256,6 +268,9 @@ pub struct Sfu {
     next_join: u64,
     next_speaker_tick: Instant,
     stats: SfuStats,
+    /// Token bucket for unknown-source STUN: tokens and when last refilled.
+    scan_tokens: f64,
+    scan_refilled: Instant,
 }
 
 /// The subscriber peer connection's first offer: a session without m-lines, which
@@ -300,6 +315,8 @@ impl Sfu {
             next_join: 0,
             next_speaker_tick: now,
             stats: SfuStats::default(),
+            scan_tokens: UNKNOWN_STUN_PER_SECOND,
+            scan_refilled: now,
         }
     }
 
@@ -353,7 +370,6 @@ impl Sfu {
             tracks: HashMap::new(),
             subscriber: None,
             negotiation: Negotiation::Initial,
-            dirty: false,
             slots: Vec::new(),
             manual: HashSet::new(),
             last_spoke: None,
@@ -436,19 +452,31 @@ impl Sfu {
     }
 
     /// Records `pending_track`: the section `mid` of the member's next offer is `tid`.
-    pub fn pending_track(&mut self, member: &str, mid: &str, tid: &str, kind: TrackKind) {
+    pub fn pending_track(
+        &mut self,
+        member: &str,
+        mid: &str,
+        tid: &str,
+        kind: TrackKind,
+        muted: bool,
+    ) {
         let Ok(i) = self.idx(member) else { return };
         let m = self.member_mut(i);
         let mid = Mid::from(mid);
         // A tid re-announced on another mid (reconnect re-publish) moves there.
-        m.announced.retain(|_, (t, _)| t != tid);
-        m.announced.insert(mid, (tid.to_string(), kind));
+        m.announced.retain(|_, (t, _, _)| t != tid);
+        m.announced.insert(mid, (tid.to_string(), kind, muted));
     }
 
     /// Mute state of a published track: automatic mode prefers unmuted publishers.
     pub fn set_muted(&mut self, member: &str, tid: &str, muted: bool, now: Instant) {
         let Ok(i) = self.idx(member) else { return };
         let m = self.member_mut(i);
+        for (t, _, pending_muted) in m.announced.values_mut() {
+            if t == tid {
+                *pending_muted = muted;
+            }
+        }
         let mut changed = false;
         for t in m.tracks.values_mut().filter(|t| t.tid == tid) {
             changed |= t.muted != muted;
@@ -481,12 +509,13 @@ impl Sfu {
         // Which announced sections now receive media.
         let mut published = Vec::new();
         let mut unpublished = Vec::new();
-        let announced: Vec<(Mid, String, TrackKind)> = m
+        let mut stopped = Vec::new();
+        let announced: Vec<(Mid, String, TrackKind, bool)> = m
             .announced
             .iter()
-            .map(|(mid, (tid, k))| (*mid, tid.clone(), *k))
+            .map(|(mid, (tid, k, muted))| (*mid, tid.clone(), *k, *muted))
             .collect();
-        for (mid, tid, kind) in announced {
+        for (mid, tid, kind, muted) in announced {
             let Some(media) = peer.rtc.media(mid) else {
                 continue;
             };
@@ -513,11 +542,18 @@ impl Sfu {
                 }
                 entry.tid = tid.clone();
                 entry.active = true;
+                entry.muted = muted;
                 published.push(tid);
             } else if !receiving && entry.active {
                 entry.active = false;
                 unpublished.push(entry.tid.clone());
+                // Publishing again takes a new `pending_track`, as the SDK always sends
+                // (it never reuses a transceiver); a bare re-activation stays unforwarded.
+                stopped.push(mid);
             }
+        }
+        for mid in stopped {
+            m.announced.remove(&mid);
         }
         // Sections the client did not announce stay unforwarded (the reference: answer
         // the offer, leave the section alone).
@@ -561,48 +597,48 @@ impl Sfu {
                     return Err(SfuError::NoPeer);
                 };
                 if let Err(e) = peer.rtc.sdp_api().accept_answer(pending, answer) {
-                    // str0m consumed the pending offer; the section state is unknown, so
-                    // the next change starts a fresh offer from what str0m holds.
-                    m.dirty = true;
-                    self.renegotiate(i, now);
+                    // str0m has consumed the offer and applied part of it: what the client
+                    // and we hold no longer agree, and nothing short of a new peer
+                    // connection (the SDK reconnects) can fix that.
+                    let (room, name) = (m.room.clone(), m.name.clone());
+                    self.events
+                        .push_back(SfuEvent::PeerFailed { room, member: name });
                     return Err(SfuError::Rejected(e.to_string()));
                 }
-                for s in &mut m.slots {
-                    s.negotiated = true;
+                let mut fresh = Vec::new();
+                for (n, s) in m.slots.iter_mut().enumerate() {
+                    if s.track.is_some() && !s.negotiated {
+                        s.negotiated = true;
+                        fresh.push(n);
+                    }
                 }
                 self.reindex();
                 self.drive(i, PeerKind::Subscriber, now);
-                // Newly writable sections need a keyframe to start.
-                self.request_keyframes_for(i, now);
+                // Newly writable sections need a keyframe to start; the others have one.
+                self.request_keyframes_for(i, &fresh, now);
             }
         }
-        let m = self.member_mut(i);
-        m.dirty = false;
         self.renegotiate(i, now);
         Ok(())
     }
 
-    /// A trickled client candidate. We are ICE-lite, so candidates are not needed (the
-    /// client's checks reveal its address), but valid ones are passed on.
+    /// A trickled client candidate. We are ICE-lite: the client's own checks reveal its
+    /// address, so candidates are validated and dropped. Passing them to str0m would let a
+    /// client grow our ICE state without bound, and mDNS (`*.local`) ones, which browsers
+    /// send when they hide their addresses, cannot be used anyway.
     pub fn candidate(
         &mut self,
         member: &str,
-        peer: PeerKind,
+        _peer: PeerKind,
         candidate: &str,
     ) -> Result<(), SfuError> {
-        let i = self.idx(member)?;
+        self.idx(member)?;
         let text = candidate.strip_prefix("a=").unwrap_or(candidate);
-        let c =
-            Candidate::from_sdp_string(text).map_err(|e| SfuError::BadCandidate(e.to_string()))?;
-        let m = self.member_mut(i);
-        let p = match peer {
-            PeerKind::Publisher => m.publisher.as_mut(),
-            PeerKind::Subscriber => m.subscriber.as_mut(),
-        };
-        // A candidate that races ahead of the first offer has no peer yet; ICE-lite does
-        // not need it, so it is dropped rather than queued.
-        if let Some(p) = p {
-            p.rtc.add_remote_candidate(c);
+        let fields = text.split_whitespace().count();
+        if !text.starts_with("candidate:") || fields < 8 || text.len() > 1024 {
+            return Err(SfuError::BadCandidate(
+                "expected \"candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type> …\"".into(),
+            ));
         }
         Ok(())
     }
@@ -674,11 +710,11 @@ impl Sfu {
                 contents,
             },
         );
-        let route = match self.routes.get(&source) {
-            Some(r) => Some(*r),
+        let route = match self.routes.get(&source).copied() {
+            Some(r) => Some(r),
             // RFC 7983: only STUN (first byte 0..=3) can open a new route; anything else
             // from an unknown address is dropped without a scan over every peer.
-            None if data.first().is_some_and(|b| *b <= 3) => {
+            None if data.first().is_some_and(|b| *b <= 3) && self.take_scan_token(now) => {
                 let found = self.members.iter().enumerate().find_map(|(i, m)| {
                     let m = m.as_ref()?;
                     if m.publisher.as_ref().is_some_and(|p| p.rtc.accepts(&input)) {
@@ -688,6 +724,11 @@ impl Sfu {
                     } else {
                         None
                     }
+                });
+                // A peer has a handful of addresses at most (IPv4, IPv6, a NAT rebinding);
+                // more is a client spraying checks to grow our state.
+                let found = found.filter(|r| {
+                    self.routes.values().filter(|x| *x == r).count() < MAX_ROUTES_PER_PEER
                 });
                 if let Some(r) = found {
                     self.routes.insert(source, r);
@@ -717,6 +758,20 @@ impl Sfu {
             tracing::debug!(error = %e, "datagram rejected");
         }
         self.drive(i, kind, now);
+    }
+
+    fn take_scan_token(&mut self, now: Instant) -> bool {
+        let elapsed = now
+            .saturating_duration_since(self.scan_refilled)
+            .as_secs_f64();
+        self.scan_tokens =
+            (self.scan_tokens + elapsed * UNKNOWN_STUN_PER_SECOND).min(UNKNOWN_STUN_PER_SECOND);
+        self.scan_refilled = now;
+        if self.scan_tokens < 1.0 {
+            return false;
+        }
+        self.scan_tokens -= 1.0;
+        true
     }
 
     /// When [`Sfu::handle_timeout`] must be called next.
@@ -782,7 +837,14 @@ impl Sfu {
                 Err(e) => {
                     tracing::debug!(error = %e, "peer connection failed");
                     peer.rtc.disconnect();
+                    peer.connected = false;
                     peer.timeout = now + Duration::from_secs(3600);
+                    if let Some(m) = self.members.get(i).and_then(Option::as_ref) {
+                        self.events.push_back(SfuEvent::PeerFailed {
+                            room: m.room.clone(),
+                            member: m.name.clone(),
+                        });
+                    }
                     return;
                 }
             };
@@ -805,7 +867,8 @@ impl Sfu {
                 }
                 if kind == PeerKind::Subscriber {
                     // Late joiners see nothing until the next keyframe: ask now.
-                    self.request_keyframes_for(i, now);
+                    let all: Vec<usize> = (0..self.member(i).slots.len()).collect();
+                    self.request_keyframes_for(i, &all, now);
                 }
             }
             (PeerKind::Publisher, Event::MediaData(data)) => self.forward(i, data, now),
@@ -815,7 +878,9 @@ impl Sfu {
                     return;
                 };
                 if let Some(track) = slot.track {
-                    let layer = slot.layer.or(slot.want_layer);
+                    // While a layer switch is pending, the keyframe that helps is the new
+                    // layer's (the old one may have stopped).
+                    let layer = slot.want_layer.or(slot.layer);
                     self.request_keyframe(track, layer, req.kind, now);
                 }
             }
@@ -851,26 +916,30 @@ impl Sfu {
         {
             return;
         }
-        track.last_keyframe_request.insert(rid, now);
         let Some(peer) = pm.publisher.as_mut() else {
             return;
         };
         let Some(mut writer) = peer.rtc.writer(mid) else {
             return;
         };
+        // Only a request that went out starts the throttle window: one refused because
+        // the layer has not sent yet must not hold back the next attempt.
         if writer.request_keyframe(rid, kind).is_ok() {
+            track.last_keyframe_request.insert(rid, now);
             self.stats.keyframe_requests_sent += 1;
         }
         self.drive(p, PeerKind::Publisher, now);
     }
 
-    fn request_keyframes_for(&mut self, i: usize, now: Instant) {
+    /// Asks for keyframes for member `i`'s video slots `which` (all when `None`).
+    fn request_keyframes_for(&mut self, i: usize, which: &[usize], now: Instant) {
         let wanted: Vec<(TrackKey, Option<Rid>)> = self
             .member(i)
             .slots
             .iter()
-            .filter(|s| s.kind == TrackKind::Video && s.negotiated)
-            .filter_map(|s| Some((s.track?, s.layer.or(s.want_layer))))
+            .enumerate()
+            .filter(|(n, s)| s.kind == TrackKind::Video && s.negotiated && which.contains(n))
+            .filter_map(|(_, s)| Some((s.track?, s.want_layer.or(s.layer))))
             .collect();
         for (track, rid) in wanted {
             self.request_keyframe(track, rid, KeyframeRequestKind::Pli, now);
@@ -908,6 +977,11 @@ impl Sfu {
             let Some(Some(sm)) = self.members.get_mut(s) else {
                 continue;
             };
+            if !sm.subscriber.as_ref().is_some_and(|p| p.connected) {
+                // Nothing is sent before DTLS is up, so a keyframe must not be spent on
+                // a layer switch that nobody sees.
+                continue;
+            }
             let Some(slot) = sm.slots.get_mut(slot_i) else {
                 continue;
             };
@@ -932,9 +1006,6 @@ impl Sfu {
             let Some(peer) = sm.subscriber.as_mut() else {
                 continue;
             };
-            if !peer.connected {
-                continue;
-            }
             let out_time = (data.time.numer() as i64 + slot.time_offset).max(0) as u64;
             let Some(writer) = peer.rtc.writer(slot.mid) else {
                 continue;
@@ -1118,7 +1189,7 @@ impl Sfu {
             return;
         }
         if !matches!(m.negotiation, Negotiation::Stable) {
-            m.dirty = true;
+            // Folded into the next offer, made when this one is answered.
             return;
         }
         let peer = m
@@ -1129,7 +1200,17 @@ impl Sfu {
             api.set_direction(m.slots[*n].mid, Direction::Inactive);
         }
         let mut added = Vec::new();
+        let mut revived = Vec::new();
         for ((key, kind, tid), layer) in missing {
+            let dormant = m
+                .slots
+                .iter()
+                .position(|s| s.track.is_none() && s.last_track == Some(*key));
+            if let Some(n) = dormant {
+                api.set_direction(m.slots[n].mid, Direction::SendOnly);
+                revived.push((n, *key, layer));
+                continue;
+            }
             // The stream id is what the SDK matches on: it must be the publisher's tid. The
             // track id must be unique in the session: a re-published tid (reconnect) gets a
             // new section next to its old inactive one, and Chrome refuses an offer whose
@@ -1146,6 +1227,7 @@ impl Sfu {
                 mid,
                 kind: *kind,
                 track: Some(*key),
+                last_track: Some(*key),
                 negotiated: false,
                 layer: None,
                 want_layer: layer,
@@ -1157,11 +1239,20 @@ impl Sfu {
             return;
         };
         for n in stale {
-            m.slots[n].track = None;
+            let slot = &mut m.slots[n];
+            slot.track = None;
+            slot.negotiated = false;
+        }
+        for (n, key, layer) in revived {
+            let slot = &mut m.slots[n];
+            slot.track = Some(key);
+            slot.negotiated = false;
+            slot.layer = None;
+            slot.want_layer = layer;
+            slot.time_offset = 0;
         }
         m.slots.extend(added);
         m.negotiation = Negotiation::Offered(pending);
-        m.dirty = false;
         let event = SfuEvent::SubOffer {
             room: m.room.clone(),
             member: m.name.clone(),
@@ -1206,8 +1297,10 @@ impl Sfu {
         }
     }
 
-    /// Re-evaluates which simulcast layer each subscriber should get; the switch itself
-    /// happens at the new layer's next keyframe, which is requested here.
+    /// Re-evaluates which simulcast layer each subscriber should get, and keeps asking
+    /// for a keyframe (within the throttle) for every video slot that waits for one: a
+    /// pending layer switch, or a section that has not forwarded anything yet. A single
+    /// request can be lost or refused; video that never starts is worse than a few PLIs.
     fn update_layers(&mut self, now: Instant) {
         for i in 0..self.members.len() {
             if self.members[i].is_none() {
@@ -1220,15 +1313,21 @@ impl Sfu {
                 .enumerate()
                 .filter_map(|(n, s)| Some((n, self.best_layer(s.track?, now))))
                 .collect();
+            let connected = self
+                .member(i)
+                .subscriber
+                .as_ref()
+                .is_some_and(|p| p.connected);
             let mut ask = Vec::new();
             let m = self.member_mut(i);
             for (n, want) in wants {
                 let slot = &mut m.slots[n];
-                if slot.want_layer != want {
-                    slot.want_layer = want;
-                    if let Some(track) = slot.track {
-                        ask.push((track, want));
-                    }
+                slot.want_layer = want;
+                let waiting = slot.layer != slot.want_layer || slot.last_out.is_none();
+                if let (Some(track), true, true, TrackKind::Video) =
+                    (slot.track, slot.negotiated && connected, waiting, slot.kind)
+                {
+                    ask.push((track, want));
                 }
             }
             for (track, rid) in ask {

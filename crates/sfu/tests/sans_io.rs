@@ -86,7 +86,7 @@ fn an_announced_section_is_published_and_offered_to_the_others() {
     s.join("room", "bob", SubscriptionMode::Automatic(16), t0);
     s.sub_answer("bob", "v=0\r\n", t0)
         .expect("bob answers the join offer");
-    s.pending_track("alice", "0", "alice-a", TrackKind::Audio);
+    s.pending_track("alice", "0", "alice-a", TrackKind::Audio, false);
     let answer = s.offer("alice", AUDIO_OFFER, t0).expect("answer");
     assert!(answer.contains("a=ice-lite"), "we are ICE-lite");
     assert!(answer.contains("a=recvonly"));
@@ -150,7 +150,7 @@ fn manual_subscriptions_refuse_what_is_not_published() {
     s.join("room", "alice", SubscriptionMode::Automatic(16), t0);
     s.join("room", "viewer", SubscriptionMode::Manual, t0);
     s.join("elsewhere", "stranger", SubscriptionMode::Automatic(16), t0);
-    s.pending_track("alice", "0", "alice-a", TrackKind::Audio);
+    s.pending_track("alice", "0", "alice-a", TrackKind::Audio, false);
     s.offer("alice", AUDIO_OFFER, t0).expect("answer");
     let tids = |t: &[&str]| t.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     assert!(!s.subscribe("viewer", "alice", &tids(&["nope"]), t0));

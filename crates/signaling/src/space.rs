@@ -412,8 +412,17 @@ impl Space {
         let m = &mut self.members[i];
         let author = m.connection_id.clone();
         if let Some((_, pending)) = m.pending.iter_mut().find(|(_, t)| t.tid == tid) {
-            // Muted while still negotiating: remembered for when the track is published.
+            // Muted while still negotiating: remembered for when the track is published,
+            // by us and by the media plane's ranking.
             pending.muted = muted;
+            out.push(Output::Media {
+                from: author,
+                message: if muted {
+                    ClientMessage::MuteTrack(tid.to_string())
+                } else {
+                    ClientMessage::UnmuteTrack(tid.to_string())
+                },
+            });
             return;
         }
         let Some(track) = m.tracks.iter_mut().find(|t| t.tid == tid) else {
@@ -506,11 +515,15 @@ impl Space {
                 out,
             );
         }
-        if p.tid.is_empty() || p.tid.len() > 128 {
+        // The tid becomes the msid stream id in every subscriber's SDP, which allows only
+        // token characters and 64 of them; anything else would reach subscribers altered
+        // and the SDK would not recognise the track. SDK tids are UUIDs or track ids.
+        let token = |c: char| c.is_ascii_alphanumeric() || "-_.{}".contains(c);
+        if p.tid.is_empty() || p.tid.len() > 64 || !p.tid.chars().all(token) {
             return Self::request_error(
                 &author,
                 RequestErrorType::PendingTrackError,
-                "track id must be 1 to 128 characters",
+                "track id must be 1 to 64 letters, digits or -_.{}",
                 None,
                 out,
             );
