@@ -262,7 +262,9 @@ pub struct Sfu {
     /// Source address → (member, peer kind), learned from the first STUN check.
     routes: HashMap<SocketAddr, (usize, PeerKind)>,
     /// Track → (subscriber, slot index), rebuilt when negotiations change.
-    forwards: HashMap<TrackKey, Vec<(usize, usize)>>,
+    /// Shared, so the per-frame path takes a reference count, not a copy, and the list
+    /// stays valid if forwarding re-enters (a keyframe request drains the publisher).
+    forwards: HashMap<TrackKey, Arc<[(usize, usize)]>>,
     transmits: VecDeque<str0m::net::Transmit>,
     events: VecDeque<SfuEvent>,
     next_join: u64,
@@ -333,7 +335,7 @@ impl Sfu {
                 .clone()
                 .map(|m| m.tracks.values().filter(|t| t.active).count())
                 .sum(),
-            forwards: self.forwards.values().map(Vec::len).sum(),
+            forwards: self.forwards.values().map(|v| v.len()).sum(),
             ..self.stats
         }
     }
@@ -973,7 +975,7 @@ impl Sfu {
         let Some(targets) = self.forwards.get(&key).cloned() else {
             return;
         };
-        for (s, slot_i) in targets {
+        for &(s, slot_i) in targets.iter() {
             let Some(Some(sm)) = self.members.get_mut(s) else {
                 continue;
             };
@@ -1286,15 +1288,16 @@ impl Sfu {
 
     /// Rebuilds track → subscribers from the negotiated slots.
     fn reindex(&mut self) {
-        self.forwards.clear();
+        let mut index: HashMap<TrackKey, Vec<(usize, usize)>> = HashMap::new();
         for (s, m) in self.members.iter().enumerate() {
             let Some(m) = m else { continue };
             for (n, slot) in m.slots.iter().enumerate() {
                 if let (Some(key), true) = (slot.track, slot.negotiated) {
-                    self.forwards.entry(key).or_default().push((s, n));
+                    index.entry(key).or_default().push((s, n));
                 }
             }
         }
+        self.forwards = index.into_iter().map(|(k, v)| (k, v.into())).collect();
     }
 
     /// Re-evaluates which simulcast layer each subscriber should get, and keeps asking
