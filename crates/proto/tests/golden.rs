@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use spacegate_proto::signaling::{
-    CLIENT_MESSAGE_TYPES, ClientMessage, DecodeError, Envelope, SERVER_MESSAGE_TYPES, ServerMessage,
+    CLIENT_MESSAGE_TYPES, ClientMessage, DecodeError, Envelope, MAX_FRAME_BYTES,
+    SERVER_MESSAGE_TYPES, ServerMessage,
 };
 
 fn fixtures(dir: &str) -> Vec<(PathBuf, String)> {
@@ -101,7 +102,7 @@ fn bad_frames_get_precise_errors() {
         ),
         Err(DecodeError::BadPayload { .. })
     ));
-    let huge = format!(r#"{{"offer":"{}"}}"#, "a".repeat(70 * 1024));
+    let huge = format!(r#"{{"offer":"{}"}}"#, "a".repeat(MAX_FRAME_BYTES + 1024));
     assert_eq!(d(&huge), Err(DecodeError::TooLarge));
     // request_id is carried through.
     let env = d(r#"{"set_display_name":"Al","request_id":"r1"}"#).expect("valid");
