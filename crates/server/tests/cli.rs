@@ -112,6 +112,24 @@ fn create(r: &Running, token: &(String, String), path: &str) -> Value {
     res.json::<Value>().expect("json")["data"].take()
 }
 
+/// A join token for a new space of `r`, signed with a new key by `spacegate sign`.
+fn join_token(r: &Running, dir: &Path) -> String {
+    let token = r.token.clone().expect("bootstrap token");
+    let space = create(r, &token, "/video/v1/spaces")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let key = create(r, &token, "/system/v1/signing-keys");
+    run_ok(spacegate(dir).args([
+        "sign",
+        &space,
+        "--key-id",
+        key["id"].as_str().expect("kid"),
+        "--private-key",
+        key["private_key"].as_str().expect("key"),
+    ]))
+}
+
 fn status(r: &Running, token: &(String, String), path: &str) -> u16 {
     http()
         .get(format!("{}{path}", r.url))
@@ -488,20 +506,7 @@ fn media_shares_the_port_number_and_takes_public_ip_and_ice_servers_from_config(
     );
 
     // The configured TURN server reaches the SDK in `joined.ice_servers`.
-    let token = r.token.clone().expect("token");
-    let space = create(&r, &token, "/video/v1/spaces")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let key = create(&r, &token, "/system/v1/signing-keys");
-    let jwt = run_ok(spacegate(dir.path()).args([
-        "sign",
-        &space,
-        "--key-id",
-        key["id"].as_str().expect("kid"),
-        "--private-key",
-        key["private_key"].as_str().expect("key"),
-    ]));
+    let jwt = join_token(&r, dir.path());
     let ws = r.url.replace("http://", "ws://");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -544,20 +549,7 @@ fn the_media_plane_answers_from_the_first_moment_even_on_one_core() {
             .env_remove("SPACEGATE_LISTEN")
             .args(["serve", "--listen", "127.0.0.1:0"]);
         let r = start(cmd);
-        let token = r.token.clone().expect("token");
-        let space = create(&r, &token, "/video/v1/spaces")["id"]
-            .as_str()
-            .expect("id")
-            .to_string();
-        let key = create(&r, &token, "/system/v1/signing-keys");
-        let jwt = run_ok(spacegate(dir.path()).args([
-            "sign",
-            &space,
-            "--key-id",
-            key["id"].as_str().expect("kid"),
-            "--private-key",
-            key["private_key"].as_str().expect("key"),
-        ]));
+        let jwt = join_token(&r, dir.path());
         let ws = r.url.replace("http://", "ws://");
         let reply = rt.block_on(async {
             let mut s = spacegate_client::Session::join(&ws, jwt.trim(), &Default::default())

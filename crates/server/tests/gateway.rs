@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, data};
+use common::{Fx, TestServer, data};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -20,46 +20,7 @@ use spacegate_server::gateway::GatewayConfig;
 use spacegate_signaling::SpaceConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-struct Fx {
-    s: TestServer,
-    space: String,
-    kid: String,
-    key: PrivateKey,
-}
-
 impl Fx {
-    async fn new() -> Self {
-        Self::with(GatewayConfig::default()).await
-    }
-
-    async fn with(config: GatewayConfig) -> Self {
-        let s = TestServer::start_with(config).await;
-        let space = s.create_space(json!({})).await["id"]
-            .as_str()
-            .expect("id")
-            .to_string();
-        let (kid, key) = s.signing_key().await;
-        Fx { s, space, kid, key }
-    }
-
-    fn token(&self, participant: Option<&str>, role: Role) -> String {
-        self.token_for(&self.space, participant, role, 3600)
-    }
-
-    fn token_for(&self, space: &str, participant: Option<&str>, role: Role, ttl: i64) -> String {
-        sign(
-            &self.key,
-            &SignOptions {
-                key_id: self.kid.parse().expect("kid"),
-                space_id: space.parse().expect("space"),
-                expires_at: (spacegate_server::now_secs() + ttl).max(0) as u64,
-                role,
-                participant_id: participant.map(|p| p.parse().expect("pid")),
-            },
-        )
-        .expect("sign")
-    }
-
     async fn join(&self, participant: &str) -> Session {
         self.join_with(
             &self.token(Some(participant), Role::Publisher),

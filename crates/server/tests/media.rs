@@ -6,9 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::TestServer;
-use serde_json::json;
-use spacegate_auth::{PrivateKey, SignOptions, sign};
+use common::Fx;
 use spacegate_client::JoinOptions;
 use spacegate_client::media::{PubPc, vp8_frame, vp8_payload_frame};
 use spacegate_client::participant::{
@@ -23,38 +21,7 @@ use spacegate_sfu::SfuStats;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Fx {
-    s: TestServer,
-    space: String,
-    kid: String,
-    key: PrivateKey,
-}
-
 impl Fx {
-    async fn new() -> Self {
-        let s = TestServer::start().await;
-        let space = s.create_space(json!({})).await["id"]
-            .as_str()
-            .expect("id")
-            .to_string();
-        let (kid, key) = s.signing_key().await;
-        Fx { s, space, kid, key }
-    }
-
-    fn token(&self, participant: &str, role: Role) -> String {
-        sign(
-            &self.key,
-            &SignOptions {
-                key_id: self.kid.parse().expect("kid"),
-                space_id: self.space.parse().expect("space"),
-                expires_at: (spacegate_server::now_secs() + 3600) as u64,
-                role,
-                participant_id: Some(participant.parse().expect("pid")),
-            },
-        )
-        .expect("sign")
-    }
-
     async fn join_with(&self, participant: &str, managed: u8) -> Participant {
         let options = JoinOptions {
             managed_subscriptions: managed,
@@ -62,7 +29,7 @@ impl Fx {
         };
         Participant::join(
             &self.s.ws_base(),
-            &self.token(participant, Role::Publisher),
+            &self.token(Some(participant), Role::Publisher),
             &options,
         )
         .await

@@ -103,6 +103,19 @@ pub struct Space {
     next_sequence: u64,
 }
 
+/// A mute change, passed on to the media plane.
+fn mute_for_media(from: ConnectionId, tid: &str, muted: bool) -> Output {
+    let tid = tid.to_string();
+    Output::Media {
+        from,
+        message: if muted {
+            ClientMessage::MuteTrack(tid)
+        } else {
+            ClientMessage::UnmuteTrack(tid)
+        },
+    }
+}
+
 fn frame(message: ServerMessage, request_id: Option<String>) -> Arc<str> {
     Envelope::with_request_id(message, request_id)
         .to_json()
@@ -415,14 +428,7 @@ impl Space {
             // Muted while still negotiating: remembered for when the track is published,
             // by us and by the media plane's ranking.
             pending.muted = muted;
-            out.push(Output::Media {
-                from: author,
-                message: if muted {
-                    ClientMessage::MuteTrack(tid.to_string())
-                } else {
-                    ClientMessage::UnmuteTrack(tid.to_string())
-                },
-            });
+            out.push(mute_for_media(author, tid, muted));
             return;
         }
         let Some(track) = m.tracks.iter_mut().find(|t| t.tid == tid) else {
@@ -452,14 +458,7 @@ impl Space {
         };
         self.to_others(&author, &frame(message, None), out);
         // The media plane ranks unmuted publishers first in automatic subscriptions.
-        out.push(Output::Media {
-            from: author,
-            message: if muted {
-                ClientMessage::MuteTrack(tid.to_string())
-            } else {
-                ClientMessage::UnmuteTrack(tid.to_string())
-            },
-        });
+        out.push(mute_for_media(author, tid, muted));
     }
 
     /// The media plane's speaker list, to everyone (the SDK also accepts its own

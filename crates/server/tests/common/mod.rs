@@ -182,3 +182,52 @@ pub async fn expect_error(res: Response, status: u16, kind: &str) -> String {
     assert!(!messages.is_empty());
     messages[0].as_str().expect("string message").to_string()
 }
+
+/// A server with one space and one signing key: where join and media tests start.
+pub struct Fx {
+    pub s: TestServer,
+    pub space: String,
+    pub kid: String,
+    pub key: spacegate_auth::PrivateKey,
+}
+
+impl Fx {
+    pub async fn new() -> Self {
+        Self::with(GatewayConfig::default()).await
+    }
+
+    pub async fn with(config: GatewayConfig) -> Self {
+        let s = TestServer::start_with(config).await;
+        let space = s.create_space(serde_json::json!({})).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let (kid, key) = s.signing_key().await;
+        Fx { s, space, kid, key }
+    }
+
+    /// A join token for this space, valid for an hour.
+    pub fn token(&self, participant: Option<&str>, role: spacegate_proto::Role) -> String {
+        self.token_for(&self.space, participant, role, 3600)
+    }
+
+    pub fn token_for(
+        &self,
+        space: &str,
+        participant: Option<&str>,
+        role: spacegate_proto::Role,
+        ttl: i64,
+    ) -> String {
+        spacegate_auth::sign(
+            &self.key,
+            &spacegate_auth::SignOptions {
+                key_id: self.kid.parse().expect("kid"),
+                space_id: space.parse().expect("space"),
+                expires_at: (now_secs() + ttl).max(0) as u64,
+                role,
+                participant_id: participant.map(|p| p.parse().expect("pid")),
+            },
+        )
+        .expect("sign")
+    }
+}
