@@ -147,7 +147,7 @@ impl Gateway {
                 }
             }
         });
-        let (media_tx, media_rx) = crate::media::channel();
+        let (media, media_rx) = crate::media::MediaHandle::new(local_addr, candidate);
         let gateway = Arc::new(Gateway {
             registry,
             config,
@@ -157,7 +157,7 @@ impl Gateway {
             activity,
             drain: watch::channel(false).0,
             started: Instant::now(),
-            media: crate::media::handle(media_tx, local_addr, candidate),
+            media,
         });
         // Started only once the gateway exists: the task stops when it can no longer
         // reach the gateway, and a task spawned inside `Arc::new_cyclic` could run before
@@ -431,6 +431,15 @@ fn join_error(kind: JoinErrorType, message: impl Into<String>) -> ErrorBody {
     ErrorBody::join(kind, message)
 }
 
+/// Our own failure (store, registry). Type 7 keeps its message in the SDK (type 0 would
+/// not), so the app can tell the user to try again.
+fn unavailable() -> ErrorBody {
+    join_error(
+        JoinErrorType::ParticipantLimitReached,
+        "service temporarily unavailable, try again",
+    )
+}
+
 async fn admit(
     state: &AppState,
     params: JoinParams,
@@ -469,11 +478,7 @@ async fn admit(
         }
         JoinAuthError::Internal(e) => {
             tracing::error!(error = %e, "join check failed");
-            // Type 7 keeps its message in the SDK (type 0 would not).
-            join_error(
-                JoinErrorType::ParticipantLimitReached,
-                "service temporarily unavailable, try again",
-            )
+            unavailable()
         }
     })?;
     let claims = admitted.claims;
@@ -583,10 +588,7 @@ async fn admit(
             ),
             ReserveError::Backend(e) => {
                 tracing::error!(error = %e, "registry failed");
-                join_error(
-                    JoinErrorType::ParticipantLimitReached,
-                    "service temporarily unavailable, try again",
-                )
+                unavailable()
             }
         })?;
 

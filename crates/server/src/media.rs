@@ -11,11 +11,11 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use spacegate_proto::signaling::{
-    CandidateTarget, ClientMessage, ConnectionTracks, ConnectionsRequest, Envelope, ErrorBody,
-    RequestErrorType, ServerMessage, SfuDescription, SpeakingTrack, SubscriptionReply, TrackKind,
+    ClientMessage, ConnectionTracks, ConnectionsRequest, Envelope, ErrorBody, RequestErrorType,
+    ServerMessage, SfuDescription, SpeakingTrack, SubscriptionReply, TrackKind,
 };
 use spacegate_proto::{ConnectionId, SpaceId};
-use spacegate_sfu::{PeerKind, Sfu, SfuConfig, SfuEvent, SfuStats, SubscriptionMode};
+use spacegate_sfu::{Sfu, SfuConfig, SfuEvent, SfuStats, SubscriptionMode};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -70,6 +70,20 @@ pub struct MediaHandle {
 }
 
 impl MediaHandle {
+    /// The handle and the command stream for [`spawn`].
+    pub fn new(
+        local_addr: SocketAddr,
+        candidate: SocketAddr,
+    ) -> (Self, mpsc::UnboundedReceiver<Command>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = MediaHandle {
+            tx,
+            local_addr,
+            candidate,
+        };
+        (handle, rx)
+    }
+
     pub fn send(&self, c: Command) {
         // Fails only when the media task is gone (runtime shutdown).
         let _ = self.tx.send(c);
@@ -107,25 +121,6 @@ pub fn bind(config: &MediaConfig) -> std::io::Result<(StdUdpSocket, SocketAddr, 
     socket.set_nonblocking(true)?;
     let local = socket.local_addr()?;
     Ok((socket, local, candidate_addr(local, config.public_ip)))
-}
-
-pub fn channel() -> (
-    mpsc::UnboundedSender<Command>,
-    mpsc::UnboundedReceiver<Command>,
-) {
-    mpsc::unbounded_channel()
-}
-
-pub fn handle(
-    tx: mpsc::UnboundedSender<Command>,
-    local_addr: SocketAddr,
-    candidate: SocketAddr,
-) -> MediaHandle {
-    MediaHandle {
-        tx,
-        local_addr,
-        candidate,
-    }
 }
 
 /// Runs the SFU until the gateway is dropped.
@@ -247,15 +242,11 @@ fn message_in(
         ClientMessage::Candidate(c) if c.sfu_id != SFU_ID => {
             Some(error(format!("unknown sfu_id {:?}", c.sfu_id)))
         }
-        ClientMessage::Candidate(c) => {
-            let peer = match c.target {
-                CandidateTarget::Publisher => PeerKind::Publisher,
-                CandidateTarget::Subscriber => PeerKind::Subscriber,
-            };
-            sfu.candidate(m, peer, &c.candidate.candidate)
-                .err()
-                .map(|e| error(format!("candidate refused: {e}")))
-        }
+        // ICE-lite needs no client candidates; a malformed one still gets a clear error.
+        ClientMessage::Candidate(c) => sfu
+            .candidate(m, &c.candidate.candidate)
+            .err()
+            .map(|e| error(format!("candidate refused: {e}"))),
         ClientMessage::MuteTrack(tid) => {
             sfu.set_muted(m, &tid, true, now);
             None

@@ -628,12 +628,7 @@ impl Sfu {
     /// address, so candidates are validated and dropped. Passing them to str0m would let a
     /// client grow our ICE state without bound, and mDNS (`*.local`) ones, which browsers
     /// send when they hide their addresses, cannot be used anyway.
-    pub fn candidate(
-        &mut self,
-        member: &str,
-        _peer: PeerKind,
-        candidate: &str,
-    ) -> Result<(), SfuError> {
+    pub fn candidate(&mut self, member: &str, candidate: &str) -> Result<(), SfuError> {
         self.idx(member)?;
         let text = candidate.strip_prefix("a=").unwrap_or(candidate);
         let fields = text.split_whitespace().count();

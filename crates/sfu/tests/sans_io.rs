@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use spacegate_sfu::{
-    PeerKind, Sfu, SfuConfig, SfuError, SfuEvent, SubscriptionMode, TrackKind, initial_offer,
+    Sfu, SfuConfig, SfuError, SfuEvent, SubscriptionMode, TrackKind, initial_offer,
 };
 
 fn sfu(now: Instant) -> Sfu {
@@ -65,7 +65,7 @@ fn unknown_members_and_malformed_sdp_are_errors() {
         Err(SfuError::BadSdp(_))
     ));
     assert!(matches!(
-        s.candidate("alice", PeerKind::Publisher, "candidate:nonsense"),
+        s.candidate("alice", "candidate:nonsense"),
         Err(SfuError::BadCandidate(_))
     ));
     // The join's offer can be answered once; a second answer answers nothing.
