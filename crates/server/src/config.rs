@@ -24,6 +24,7 @@ pub struct FileConfig {
     pub max_participants: Option<u32>,
     pub media_listen: Option<SocketAddr>,
     pub media_public_ip: Option<IpAddr>,
+    pub metrics_listen: Option<SocketAddr>,
     pub ice_servers: Option<Vec<IceServerConfig>>,
     pub simulcast: Option<SimulcastConfig>,
 }
@@ -117,6 +118,9 @@ pub struct Config {
     pub media_listen: SocketAddr,
     /// The address clients reach the media port at, when NAT or a container hides it.
     pub media_public_ip: Option<IpAddr>,
+    /// Where Prometheus metrics are served (`GET /metrics`); `None` (the default): off.
+    /// A separate listener, so metrics are never exposed where clients connect.
+    pub metrics_listen: Option<SocketAddr>,
     /// Given to clients as `ice_servers`. Empty means none: the server's ICE-lite host
     /// candidate is reachable directly, and Google's default STUN is not used.
     pub ice_servers: Vec<IceServerConfig>,
@@ -134,6 +138,7 @@ pub struct Overrides {
     pub max_participants: Option<u32>,
     pub media_listen: Option<SocketAddr>,
     pub media_public_ip: Option<IpAddr>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -147,6 +152,7 @@ impl Config {
             listen,
             media_listen: over.media_listen.or(file.media_listen).unwrap_or(listen),
             media_public_ip: over.media_public_ip.or(file.media_public_ip),
+            metrics_listen: over.metrics_listen.or(file.metrics_listen),
             ice_servers: file.ice_servers.unwrap_or_default(),
             simulcast: file.simulcast.unwrap_or_default(),
             data_dir: over

@@ -11,6 +11,7 @@ pub mod ids;
 pub mod join;
 pub mod keys;
 pub mod media;
+pub mod metrics;
 pub mod tokens;
 
 use std::future::Future;

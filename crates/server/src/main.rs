@@ -75,6 +75,9 @@ struct ServeArgs {
     /// IP that clients reach the media port at (NAT, containers) [default: the bound one].
     #[arg(long, env = "SPACEGATE_MEDIA_PUBLIC_IP")]
     media_public_ip: Option<std::net::IpAddr>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
+    #[arg(long, env = "SPACEGATE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +154,7 @@ fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> Result<Config> {
         max_participants: serve.and_then(|s| s.max_participants),
         media_listen: serve.and_then(|s| s.media_listen),
         media_public_ip: serve.and_then(|s| s.media_public_ip),
+        metrics_listen: serve.and_then(|s| s.metrics_listen),
     };
     Ok(Config::resolve(file, over))
 }
@@ -242,6 +246,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
         "spacegate: media on udp://{} (clients are told {})",
         media.local_addr, media.candidate
     )?;
+    if let Some(metrics_addr) = config.metrics_listen {
+        let metrics_listener = bind(metrics_addr)
+            .with_context(|| format!("binding the metrics listener {metrics_addr}"))?;
+        writeln!(
+            out,
+            "spacegate: metrics on http://{}/metrics",
+            metrics_listener.local_addr()?
+        )?;
+        let gateway = state.gateway.clone();
+        // Lives as long as the process; its listener closes when the process exits.
+        tokio::spawn(async move {
+            let never = std::future::pending::<()>();
+            if let Err(e) =
+                spacegate_server::metrics::serve(&gateway, metrics_listener, never).await
+            {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     out.flush()?;
     drop(out);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");

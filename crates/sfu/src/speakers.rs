@@ -4,7 +4,10 @@
 //! loudness is smoothed per packet so one loud packet (a cough, a click) does not make a
 //! speaker; a track that stops sending fades out after `silence_after`.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+
+use crate::{Name, Sfu, SfuEvent, TrackKind};
 
 /// Below this smoothed level (in -dBov) a track is speaking. Conversational speech sits
 /// around -20 to -40 dBov; background noise of a muted-but-enabled mic is below -60.
@@ -47,6 +50,70 @@ impl Level {
 pub fn rank<K: Clone>(mut speaking: Vec<(K, f32)>, max: usize) -> Vec<K> {
     speaking.sort_by(|a, b| a.1.total_cmp(&b.1));
     speaking.into_iter().take(max).map(|(k, _)| k).collect()
+}
+
+/// A track that sent no audio for this long is not speaking.
+const SILENCE_AFTER: Duration = Duration::from_millis(600);
+
+impl Sfu {
+    /// Re-evaluates speakers in every room that has media (or had speakers to clear);
+    /// emits changes and re-ranks automatic mode. Rooms of signaling-only members are not
+    /// visited.
+    pub(crate) fn update_speakers(&mut self, now: Instant) {
+        let rooms: BTreeSet<Name> = self
+            .with_peers
+            .iter()
+            .filter_map(|i| self.members.get(*i)?.as_ref())
+            .map(|m| m.room.clone())
+            .collect();
+        for room in rooms {
+            let Some(r) = self.rooms.get(&room) else {
+                continue;
+            };
+            let mut speaking = Vec::new();
+            for &i in &r.members {
+                let m = self.member(i);
+                for (mid, t) in &m.tracks {
+                    if t.active && t.kind == TrackKind::Audio {
+                        if let Some(level) = t.level.speaking(now, SILENCE_AFTER) {
+                            speaking.push(((i, *mid), level));
+                        }
+                    }
+                }
+            }
+            let ranked = rank(speaking, self.config.max_speakers);
+            for (i, _) in &ranked {
+                self.member_mut(*i).last_spoke = Some(now);
+            }
+            let r = self.rooms.get_mut(&room).expect("room listed above");
+            if r.speakers != ranked {
+                let leader_changed = r.speakers.first() != ranked.first();
+                r.speakers = ranked;
+                self.emit_speakers(&room);
+                if leader_changed {
+                    self.renegotiate_automatic(&room, now);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn emit_speakers(&mut self, room: &Name) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let speakers = r
+            .speakers
+            .iter()
+            .filter_map(|(i, mid)| {
+                let m = self.members.get(*i)?.as_ref()?;
+                Some((m.name.clone(), m.tracks.get(mid)?.tid.clone()))
+            })
+            .collect();
+        self.events.push_back(SfuEvent::ActiveSpeakers {
+            room: room.clone(),
+            speakers,
+        });
+    }
 }
 
 #[cfg(test)]

@@ -10,12 +10,19 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: the store answers and shutdown has not begun.
+/// Readiness: the store answers, the media thread and the store writer run, and shutdown
+/// has not begun.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if !state.is_ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "shutting_down"})),
+        );
+    }
+    if !state.gateway.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "media_or_store_writer_down"})),
         );
     }
     match state.store.ping().await {

@@ -1,0 +1,394 @@
+//! Everything a join must pass before any connection state exists: the token, the query
+//! parameters, the media plane's capacity, the registry's claim. A refusal is the SDK's
+//! `error` frame and close 4000.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::Response;
+use spacegate_auth::{AuthError, VerifyOptions};
+use spacegate_proto::signaling::{
+    Envelope, ErrorBody, JoinErrorType, MAX_DISPLAY_NAME, MAX_FRAME_BYTES, ServerMessage,
+    SfuDescription,
+};
+use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
+use spacegate_session::{ReserveError, ReserveMode, ReserveRequest};
+use spacegate_signaling::Joiner;
+use tokio::sync::{Notify, mpsc};
+
+use super::connection::{close_gracefully, send_timed, serve};
+use super::{CLOSE_NO_RECONNECT, Conn, Gateway, lock};
+use crate::AppState;
+use crate::ids::random_base62;
+use crate::join::{JoinAuthError, verify_join_token};
+use crate::metrics::{JoinOutcome as O, JoinStage};
+
+impl Gateway {
+    pub(super) fn record_departure(
+        &self,
+        space: &SpaceId,
+        participant: &ParticipantId,
+        credential: String,
+    ) {
+        let mut departed = lock(&self.departed);
+        // Forget what is past the grace period whenever the map has grown; one sweep per
+        // doubling keeps this amortised O(1).
+        if departed.len() >= 1024 && departed.len().is_power_of_two() {
+            let grace = self.config.reconnect_grace;
+            departed.retain(|_, (at, _)| at.elapsed() <= grace);
+        }
+        departed.insert(
+            (space.clone(), participant.clone()),
+            (Instant::now(), credential),
+        );
+    }
+
+    /// Whether `participant` was in `space` recently enough, with this credential, to come
+    /// back on an expired token.
+    fn departed_recently(
+        &self,
+        space: &SpaceId,
+        participant: &ParticipantId,
+        credential: &str,
+    ) -> bool {
+        lock(&self.departed)
+            .get(&(space.clone(), participant.clone()))
+            .is_some_and(|(at, c)| at.elapsed() <= self.config.reconnect_grace && c == credential)
+    }
+}
+
+/// `/v1` query parameters. Everything is optional at this layer so that a missing token
+/// is answered with the SDK's error, not with an HTTP 400 the SDK cannot see.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct JoinParams {
+    token: Option<String>,
+    sdk_version: Option<String>,
+    managed_subscriptions: Option<String>,
+    reconnect_id: Option<String>,
+    display_name: Option<String>,
+}
+
+/// Small per-connection buffers: tungstenite's default 128 KiB read buffer would cost more
+/// than everything else an idle participant holds.
+const SOCKET_BUFFER: usize = 1024;
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    params: Result<Query<JoinParams>, axum::extract::rejection::QueryRejection>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // A malformed query still upgrades, and the missing token is refused in-protocol.
+    let params = params.map(|Query(p)| p).unwrap_or_default();
+    ws.read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
+        .max_write_buffer_size(MAX_FRAME_BYTES * 4)
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| async move {
+            let mut socket = socket;
+            let started = Instant::now();
+            // Boxed: the admission future (token check, store lookups) is large and must
+            // not stay part of every idle connection's task for its whole life.
+            match Box::pin(admit(&state, params, &mut socket)).await {
+                Ok(admitted) => serve(state, admitted, socket, started).await,
+                Err(r) => {
+                    state.gateway.metrics.join(r.outcome, started.elapsed());
+                    Box::pin(refuse(socket, r.body)).await
+                }
+            }
+        })
+}
+
+/// Sends the SDK's `error`, then closes with 4000 so it does not retry.
+async fn refuse(mut socket: WebSocket, body: ErrorBody) {
+    let frame = Envelope::new(ServerMessage::Error(body)).to_json();
+    if send_timed(&mut socket, Message::Text(frame.into()))
+        .await
+        .is_ok()
+    {
+        close_gracefully(&mut socket, CLOSE_NO_RECONNECT).await;
+    }
+}
+
+pub(super) struct Admitted {
+    pub(super) space: SpaceId,
+    pub(super) joiner: Joiner,
+    pub(super) credential: String,
+    pub(super) kill: Arc<Notify>,
+    pub(super) restart: Arc<Notify>,
+    pub(super) rx: mpsc::Receiver<Arc<str>>,
+}
+
+/// Why a join was refused: the SDK's error, and the outcome for `/metrics`.
+pub(super) struct Refusal {
+    pub(super) outcome: O,
+    pub(super) body: ErrorBody,
+}
+
+fn join_error(outcome: O, kind: JoinErrorType, message: impl Into<String>) -> Refusal {
+    Refusal {
+        outcome,
+        body: ErrorBody::join(kind, message),
+    }
+}
+
+/// Our own failure (store, registry). Type 7 keeps its message in the SDK (type 0 would
+/// not), so the app can tell the user to try again.
+fn unavailable() -> Refusal {
+    join_error(
+        O::Unavailable,
+        JoinErrorType::ParticipantLimitReached,
+        "service temporarily unavailable, try again",
+    )
+}
+
+/// The node cannot take more right now (its media plane is saturated). Type 7, like
+/// `unavailable`, so the app can say "try again"; the participants already here keep
+/// everything.
+fn overloaded() -> Refusal {
+    join_error(
+        O::Overloaded,
+        JoinErrorType::ParticipantLimitReached,
+        "server busy, try again in a moment",
+    )
+}
+
+async fn admit(
+    state: &AppState,
+    params: JoinParams,
+    socket: &mut WebSocket,
+) -> Result<Admitted, Refusal> {
+    let gw = &state.gateway;
+    // Shed load before spending an RSA verify on it: while the media plane's queue is
+    // more than half full, every join would only add to the backlog.
+    if gw.media.saturated() {
+        return Err(overloaded());
+    }
+    let token = params
+        .token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| join_error(O::InvalidToken, JoinErrorType::InvalidJwt, "missing token"))?;
+    let now = u64::try_from(crate::now_secs()).unwrap_or(0);
+    let options = VerifyOptions {
+        leeway_secs: gw.config.leeway_secs,
+    };
+    let verify_started = Instant::now();
+    let mut verified =
+        verify_join_token(state.store.as_ref(), &state.keys, &token, now, &options).await;
+    let mut expired_reconnect = false;
+    if matches!(verified, Err(JoinAuthError::Token(AuthError::Expired)))
+        && params.reconnect_id.is_some()
+    {
+        // An SDK reconnect reuses the token it joined with, which may have expired since.
+        // Check it with the grace period as leeway; whether this participant was really
+        // here is checked once we know who it is.
+        let grace = VerifyOptions {
+            leeway_secs: options.leeway_secs + gw.config.reconnect_grace.as_secs(),
+        };
+        verified = verify_join_token(state.store.as_ref(), &state.keys, &token, now, &grace).await;
+        expired_reconnect = verified.is_ok();
+    }
+    let admitted = verified.map_err(|e| match e {
+        JoinAuthError::Token(AuthError::Expired) => {
+            join_error(O::Expired, JoinErrorType::InvalidJwt, "token has expired")
+        }
+        JoinAuthError::Token(e) => join_error(
+            O::InvalidToken,
+            JoinErrorType::InvalidJwt,
+            format!("invalid token: {e}"),
+        ),
+        JoinAuthError::Internal(e) => {
+            tracing::error!(error = %e, "join check failed");
+            unavailable()
+        }
+    })?;
+    gw.metrics
+        .join_stage(JoinStage::Verify, verify_started.elapsed());
+    let claims = admitted.claims;
+
+    let display_name = params.display_name.unwrap_or_default();
+    if display_name.encode_utf16().count() > MAX_DISPLAY_NAME
+        || display_name.chars().any(char::is_control)
+    {
+        return Err(join_error(
+            O::BadRequest,
+            JoinErrorType::InvalidJwt,
+            format!(
+                "display_name must be at most {MAX_DISPLAY_NAME} characters, without control characters"
+            ),
+        ));
+    }
+    let managed_subscriptions = match params.managed_subscriptions.as_deref() {
+        None => 16,
+        Some(v) => v.parse::<u8>().ok().filter(|n| *n <= 20).ok_or_else(|| {
+            join_error(
+                O::BadRequest,
+                JoinErrorType::InvalidJwt,
+                "managed_subscriptions must be 0 to 20",
+            )
+        })?,
+    };
+    if let Some(v) = &params.sdk_version {
+        tracing::debug!(sdk_version = %v.chars().take(32).collect::<String>(), "join");
+    }
+
+    // Who this participant is, and what lets a reconnect take over a stale connection:
+    // a token that names the participant proves identity by itself; a server-made id is
+    // bound to the exact token it was made for (the SDK reconnects with the same token).
+    // Only server-made ids need it, so it is computed only for them.
+    let token_fingerprint = || {
+        use std::fmt::Write as _;
+        let mut hex = String::with_capacity(64);
+        for b in crate::tokens::hash_secret(&token) {
+            // Writing to a String cannot fail.
+            let _ = write!(hex, "{b:02x}");
+        }
+        hex
+    };
+    let (participant_id, credential, mode) = match (&claims.participant_id, params.reconnect_id) {
+        (Some(named), None) => (named.clone(), "token-named".to_string(), ReserveMode::Fresh),
+        (Some(named), Some(r)) if r == named.as_str() => (
+            named.clone(),
+            "token-named".to_string(),
+            ReserveMode::Reconnect,
+        ),
+        (Some(_), Some(_)) => {
+            return Err(join_error(
+                O::BadRequest,
+                JoinErrorType::InvalidJwt,
+                "reconnect_id does not match the token's participant_id",
+            ));
+        }
+        (None, None) => (
+            ParticipantId::new(random_base62(32))
+                .map_err(|_| join_error(O::Unavailable, JoinErrorType::Unknown, "id"))?,
+            token_fingerprint(),
+            ReserveMode::Fresh,
+        ),
+        (None, Some(r)) => {
+            let id = ParticipantId::new(r).map_err(|e| {
+                join_error(
+                    O::BadRequest,
+                    JoinErrorType::InvalidJwt,
+                    format!("invalid reconnect_id: {e}"),
+                )
+            })?;
+            (id, token_fingerprint(), ReserveMode::Reconnect)
+        }
+    };
+
+    if expired_reconnect {
+        let still_registered = gw
+            .registry
+            .participants(&claims.space_id)
+            .await
+            .map(|ps| ps.iter().any(|(p, _)| p == &participant_id))
+            .unwrap_or(false);
+        if !still_registered
+            && !gw.departed_recently(&claims.space_id, &participant_id, &credential)
+        {
+            return Err(join_error(
+                O::Expired,
+                JoinErrorType::InvalidJwt,
+                "token has expired",
+            ));
+        }
+    }
+
+    let connection_id = ConnectionId::new(random_base62(32))
+        .map_err(|_| join_error(O::Unavailable, JoinErrorType::Unknown, "id"))?;
+    let reserve_started = Instant::now();
+    let reservation = gw
+        .registry
+        .reserve(ReserveRequest {
+            space: &claims.space_id,
+            participant: &participant_id,
+            connection: &connection_id,
+            credential: &credential,
+            mode,
+            max_participants: gw.config.max_participants,
+        })
+        .await
+        .map_err(|e| match e {
+            ReserveError::AlreadyJoined => join_error(
+                O::Duplicate,
+                JoinErrorType::DuplicateParticipantRejected,
+                "a participant with this participant_id is already connected to the space",
+            ),
+            ReserveError::SpaceFull { max } => join_error(
+                O::SpaceFull,
+                JoinErrorType::ParticipantLimitReached,
+                format!("the space is full ({max} participants)"),
+            ),
+            ReserveError::Backend(e) => {
+                tracing::error!(error = %e, "registry failed");
+                unavailable()
+            }
+        })?;
+    gw.metrics
+        .join_stage(JoinStage::Registry, reserve_started.elapsed());
+
+    // The SDK sends nothing before `joined`; anything already waiting is not the SDK.
+    if let Ok(Some(Ok(Message::Text(_) | Message::Binary(_)))) =
+        tokio::time::timeout(Duration::ZERO, socket.recv()).await
+    {
+        let _ = gw
+            .registry
+            .release(&claims.space_id, &participant_id, &connection_id)
+            .await;
+        return Err(join_error(
+            O::BadRequest,
+            JoinErrorType::InvalidJwt,
+            "no message may be sent before joined",
+        ));
+    }
+
+    let (tx, rx) = mpsc::channel(gw.config.outbound_queue);
+    let kill = Arc::new(Notify::new());
+    let restart = Arc::new(Notify::new());
+    lock(&gw.conns).insert(
+        connection_id.clone(),
+        Conn {
+            tx,
+            kill: kill.clone(),
+            restart: restart.clone(),
+        },
+    );
+    if let Some(old) = &reservation.replaced {
+        // The stale connection of a reconnecting participant: out of the space now, and
+        // its socket told to go (with 4000, so a ghost that is still alive stays away).
+        gw.with_space(&claims.space_id, |space, out| space.leave(old, out));
+        // Its media goes now too, before the newcomer re-publishes the same tids: the
+        // ghost's own leave only comes after its socket's close handshake (seconds).
+        gw.media
+            .send(crate::media::Command::Leave {
+                member: old.clone(),
+            })
+            .await;
+        if let Some(c) = lock(&gw.conns).get(old) {
+            c.kill.notify_one();
+        }
+    }
+    let sub_sfus = vec![SfuDescription {
+        sfu_id: crate::media::SFU_ID.into(),
+        sdp: spacegate_sfu::initial_offer(now),
+    }];
+    Ok(Admitted {
+        credential,
+        space: claims.space_id,
+        joiner: Joiner {
+            connection_id,
+            participant_id,
+            role: claims.role,
+            display_name,
+            managed_subscriptions,
+            reconnected: reservation.replaced.is_some(),
+            sub_sfus,
+        },
+        kill,
+        restart,
+        rx,
+    })
+}

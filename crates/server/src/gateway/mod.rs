@@ -1,0 +1,245 @@
+//! The join gateway: `GET /v1?token=…` upgrades to a WebSocket that speaks the
+//! `@mux/spaces-web` 1.2.0 protocol.
+//!
+//! A connection's life: (1) upgrade unconditionally, so a refusal can always be told to the
+//! SDK (it hangs forever on a failed upgrade or a silent close); (2) `admission`: verify the
+//! token and claim the participant in the registry before any space state exists; on
+//! refusal send the SDK's `error` and close with 4000, which stops its reconnect loop; (3)
+//! `connection`: join the space's state machine and pump frames both ways until the socket
+//! closes, the peer stops answering pings, it floods us, it reads too slowly, or the server
+//! drains.
+//!
+//! Modules: `admission` (the checks before anything exists), `connection` (one task per
+//! WebSocket), `spaces` (the per-space state machines and delivery of their outputs),
+//! `activity` (idle/active transitions written to the store). The media plane reaches the
+//! gateway only through [`crate::media::MediaEvents`].
+
+mod activity;
+mod admission;
+mod connection;
+mod spaces;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spacegate_proto::signaling::ClientMessage;
+use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
+use spacegate_session::Registry;
+use spacegate_signaling::SpaceConfig;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::media::{MediaEvent, MediaEvents};
+
+pub use admission::{JoinParams, upgrade};
+
+/// Close code that tells the SDK not to reconnect.
+pub const CLOSE_NO_RECONNECT: u16 = 4000;
+/// "Service restart": the SDK reconnects, to us or a sibling.
+pub const CLOSE_RESTART: u16 = 1012;
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub max_participants: u32,
+    pub space: Arc<SpaceConfig>,
+    pub ping_interval: Duration,
+    /// A connection silent this long (no frame, no pong) is dead: a half-open TCP
+    /// connection otherwise holds its participant id forever.
+    pub idle_timeout: Duration,
+    /// Frames waiting for a slow reader; beyond this it is disconnected rather than
+    /// letting it slow the space down or grow our memory.
+    pub outbound_queue: usize,
+    /// Frames per second a client may send (burst of twice that); beyond, it is cut off.
+    pub inbound_per_second: u32,
+    pub leeway_secs: u64,
+    /// How long after its token expired, or after it was last seen, a participant may still
+    /// come back through the SDK's reconnect (`reconnect_id`) with the token it joined
+    /// with. The SDK cannot fetch a new token mid-reconnect, so without this a network blip
+    /// late in a meeting would end it for good.
+    pub reconnect_grace: Duration,
+    pub media: crate::media::MediaConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_participants: 100,
+            space: Arc::new(SpaceConfig::default()),
+            ping_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(12),
+            outbound_queue: 256,
+            inbound_per_second: 50,
+            leeway_secs: 30,
+            reconnect_grace: Duration::from_secs(300),
+            media: crate::media::MediaConfig::default(),
+        }
+    }
+}
+
+struct Conn {
+    tx: mpsc::Sender<Arc<str>>,
+    /// Set when the connection must go: replaced by a reconnect, or too slow.
+    kill: Arc<Notify>,
+    /// Set when the client should come back (close 1012): its media peers broke.
+    restart: Arc<Notify>,
+}
+
+/// All live connections and spaces of this node.
+pub struct Gateway {
+    pub registry: Arc<dyn Registry>,
+    pub config: GatewayConfig,
+    spaces: Mutex<HashMap<SpaceId, Arc<spaces::Slot>>>,
+    conns: Mutex<HashMap<ConnectionId, Conn>>,
+    /// Participants that left recently: (space, participant) → (when, credential). Lets a
+    /// reconnect with an expired token through, within `reconnect_grace`.
+    departed: Mutex<HashMap<(SpaceId, ParticipantId), (Instant, String)>>,
+    activity: Arc<activity::ActivityQueue>,
+    drain: watch::Sender<bool>,
+    started: Instant,
+    pub media: crate::media::MediaHandle,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("connections", &self.connection_count())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a few map operations; a panic inside one cannot leave
+    // the map half-updated, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Gateway {
+    /// Creates the gateway, binds the media socket, and starts the media thread and the
+    /// task that applies idle/active transitions to the store.
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        store: Arc<dyn spacegate_store::Store>,
+        config: GatewayConfig,
+    ) -> std::io::Result<Arc<Self>> {
+        let (socket, local_addr, candidate) = crate::media::bind(&config.media)?;
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let activity = activity::ActivityQueue::spawn(store, metrics.clone());
+        let (media, media_rx) =
+            crate::media::MediaHandle::new(local_addr, candidate, metrics.clone());
+        let gateway = Arc::new(Gateway {
+            registry,
+            config,
+            spaces: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashMap::new()),
+            activity,
+            drain: watch::channel(false).0,
+            started: Instant::now(),
+            media,
+            metrics,
+        });
+        // Started only once the gateway exists: the thread stops when it can no longer
+        // reach the gateway, and one started inside `Arc::new_cyclic` could run before the
+        // Arc is complete, find nothing, and stop for good.
+        let sink: Arc<dyn MediaEvents> = gateway.clone();
+        crate::media::spawn(socket, &gateway.media, media_rx, Arc::downgrade(&sink))?;
+        Ok(gateway)
+    }
+
+    /// Milliseconds on the gateway's monotonic clock: the virtual time the sans-IO parts
+    /// (state machine, liveness, rate limits) run on.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn instant_at(&self, ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started + Duration::from_millis(ms))
+    }
+
+    pub fn connection_count(&self) -> usize {
+        lock(&self.conns).len()
+    }
+
+    /// Spaces with someone in them on this node.
+    pub fn live_space_count(&self) -> usize {
+        lock(&self.spaces).len()
+    }
+
+    /// Whether the parts a join needs run: the media thread and the store writer.
+    pub fn is_ready(&self) -> bool {
+        self.media.is_up() && self.activity.is_up()
+    }
+
+    /// Tells every connection to close with 1012 (the SDK reconnects elsewhere) and waits
+    /// up to `grace` for them to go.
+    pub async fn drain(&self, grace: Duration) {
+        self.drain.send_replace(true);
+        let deadline = Instant::now() + grace;
+        while self.connection_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Queues one frame for one connection; a full queue disconnects it.
+    fn send_frame(&self, to: &ConnectionId, frame: Arc<str>) {
+        if let Some(c) = lock(&self.conns).get(to)
+            && c.tx.try_send(frame).is_err()
+        {
+            c.kill.notify_one();
+        }
+    }
+
+    /// Closes a connection with "service restart" (1012), which makes the SDK reconnect
+    /// and build new peer connections.
+    fn ask_to_reconnect(&self, to: &ConnectionId) {
+        if let Some(c) = lock(&self.conns).get(to) {
+            c.restart.notify_one();
+        }
+    }
+
+    /// Makes the media plane panic, to exercise its supervisor. Tests only.
+    #[doc(hidden)]
+    pub async fn crash_media_plane_for_tests(&self) {
+        self.media.send(crate::media::Command::Crash).await;
+    }
+}
+
+impl MediaEvents for Gateway {
+    fn media_event(&self, event: MediaEvent) {
+        match event {
+            MediaEvent::Frame { to, frame } => self.send_frame(&to, frame),
+            MediaEvent::TrackPublished { space, member, tid } => {
+                self.with_existing_space(&space, |s, out| s.track_published(&member, &tid, out))
+            }
+            MediaEvent::TrackUnpublished { space, member, tid } => {
+                self.with_existing_space(&space, |s, out| s.track_unpublished(&member, &tid, out))
+            }
+            MediaEvent::ActiveSpeakers { space, tracks } => {
+                self.with_existing_space(&space, |s, out| s.active_speakers(tracks, out))
+            }
+            MediaEvent::Reconnect { member } => self.ask_to_reconnect(&member),
+            MediaEvent::ReconnectAll => {
+                for c in lock(&self.conns).values() {
+                    c.restart.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// The message's name, for logs that must not print its content (SDPs hold ICE passwords).
+pub(crate) fn message_kind(m: &ClientMessage) -> &'static str {
+    match m {
+        ClientMessage::Offer(_) => "offer",
+        ClientMessage::SubAnswer(_) => "sub_answer",
+        ClientMessage::Candidate(_) => "candidate",
+        ClientMessage::PendingTrack(_) => "pending_track",
+        ClientMessage::MuteTrack(_) => "mute_track",
+        ClientMessage::UnmuteTrack(_) => "unmute_track",
+        ClientMessage::SubscribeTracks(_) => "subscribe_tracks",
+        ClientMessage::UnsubscribeTracks(_) => "unsubscribe_tracks",
+        ClientMessage::SetDisplayName(_) => "set_display_name",
+        ClientMessage::CustomEvent(_) => "custom_event",
+    }
+}

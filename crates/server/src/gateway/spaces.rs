@@ -1,0 +1,118 @@
+//! Each space's state machine (`signaling::Space`), held in a mutex per space, and the
+//! delivery of what it outputs. A caller locks the space, feeds it one input and delivers
+//! the outputs before unlocking, so every connection sees a space's frames in the order the
+//! state machine made them.
+
+use std::sync::{Arc, Mutex};
+
+use spacegate_proto::SpaceId;
+use spacegate_signaling::{Output, Space};
+
+use super::activity::Activity;
+use super::{Gateway, lock, message_kind};
+
+pub(super) struct Slot {
+    space: Mutex<Space>,
+    /// Set under the gateway's `spaces` lock when the slot is dropped from the map; a
+    /// joiner that raced with that retries with a fresh slot.
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl Gateway {
+    /// Whether anyone is connected to `space` on this node right now. The store's status
+    /// lags behind by one queued write; the REST API checks this too before deleting.
+    pub fn is_space_live(&self, space: &SpaceId) -> bool {
+        lock(&self.spaces)
+            .get(space)
+            .is_some_and(|slot| !lock(&slot.space).is_empty())
+    }
+
+    /// Like `with_space`, but only if the space is live: media events for a space that
+    /// emptied meanwhile must not resurrect it.
+    pub(super) fn with_existing_space(
+        &self,
+        id: &SpaceId,
+        f: impl FnOnce(&mut Space, &mut Vec<Output>),
+    ) {
+        if lock(&self.spaces).contains_key(id) {
+            self.with_space(id, f);
+        }
+    }
+
+    /// Runs `f` on the space's state (created on first use) and delivers its outputs.
+    pub(super) fn with_space(&self, id: &SpaceId, f: impl FnOnce(&mut Space, &mut Vec<Output>)) {
+        let mut out = Vec::new();
+        loop {
+            let slot = lock(&self.spaces)
+                .entry(id.clone())
+                .or_insert_with(|| {
+                    Arc::new(Slot {
+                        space: Mutex::new(Space::new(id.clone(), self.config.space.clone())),
+                        retired: false.into(),
+                    })
+                })
+                .clone();
+            let mut space = lock(&slot.space);
+            if slot.retired.load(std::sync::atomic::Ordering::Acquire) {
+                continue;
+            }
+            f(&mut space, &mut out);
+            // Deliver while still holding the space lock, so every connection sees the
+            // space's frames in the order the state machine made them.
+            self.deliver(id, std::mem::take(&mut out));
+            if space.is_empty() {
+                drop(space);
+                let mut spaces = lock(&self.spaces);
+                let space = lock(&slot.space);
+                if space.is_empty() && spaces.get(id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                    slot.retired
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    spaces.remove(id);
+                }
+            }
+            return;
+        }
+    }
+
+    fn deliver(&self, space: &SpaceId, out: Vec<Output>) {
+        if out.is_empty() {
+            return;
+        }
+        let conns = lock(&self.conns);
+        for o in out {
+            match o {
+                Output::Send { to, frame } => {
+                    if let Some(c) = conns.get(&to)
+                        && c.tx.try_send(frame).is_err()
+                    {
+                        // Queue full: this reader cannot keep up. Cut it off rather than
+                        // buffer without bound or slow the space down.
+                        c.kill.notify_one();
+                    }
+                }
+                // The receiving task lives as long as the runtime; a send error only
+                // happens during shutdown, when nothing is left to record.
+                Output::Activated { session_id } => {
+                    self.activity.push(space, Activity::Active(session_id));
+                }
+                Output::Idle => self.activity.push(space, Activity::Idle),
+                Output::Media { from, message } => {
+                    tracing::trace!(%from, kind = message_kind(&message), "to the media plane");
+                    let command = crate::media::Command::Message {
+                        member: from.clone(),
+                        message,
+                    };
+                    if !self.media.try_send(command) {
+                        // The media queue is full. Dropping the message silently would
+                        // leave this client's negotiation hanging; a reconnect resumes
+                        // its session with fresh peer connections once the queue drains.
+                        tracing::warn!(%from, "media plane saturated; asking the client to reconnect");
+                        if let Some(c) = conns.get(&from) {
+                            c.restart.notify_one();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

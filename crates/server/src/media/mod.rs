@@ -1,0 +1,218 @@
+//! The media plane's driver: the sans-IO SFU on its own thread, with one UDP socket.
+//!
+//! - **Its own thread.** DTLS handshakes, SRTP and SDP work are CPU-bound; on a two-core
+//!   machine they must not starve the WebSocket tasks, nor be starved by them.
+//! - **A bounded queue.** Connection tasks send [`Command`]s over a channel of
+//!   [`QUEUE_CAPACITY`]. Membership (join, leave) is awaited, so it is never lost; a
+//!   client's media message that finds the queue full is refused and that client is asked
+//!   to reconnect (its session resumes), and while the queue is more than half full the
+//!   gateway refuses new joins with the SDK's "try again" (see [`MediaHandle::saturated`]).
+//! - **Supervised.** A panic in the SFU is caught; the driver builds a fresh SFU, puts back
+//!   every member that had no media (their clients notice nothing), asks every client that
+//!   had a peer connection to reconnect, and reports not-ready while it is down.
+//! - **One-way.** The driver emits [`MediaEvent`]s to a [`MediaEvents`] sink (the gateway);
+//!   it never calls the gateway, so there is no module cycle.
+
+mod driver;
+mod translate;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use spacegate_proto::signaling::{ClientMessage, SpeakingTrack};
+use spacegate_proto::{ConnectionId, SpaceId};
+use spacegate_sfu::{SfuStats, SubscriptionMode};
+use tokio::sync::{mpsc, oneshot};
+
+pub use driver::spawn;
+
+/// The one subscriber peer connection each client gets; the publisher PC borrows its id,
+/// as the SDK takes the pub PC's `sfu_id` from `sub_sfus[0]`.
+pub const SFU_ID: &str = "sfu-0";
+
+/// Commands waiting for the media thread. At roughly 10 µs each this is under a tenth of
+/// a second of work: a longer backlog would only delay every space's media.
+pub const QUEUE_CAPACITY: usize = 8192;
+
+#[derive(Debug, Clone)]
+pub struct MediaConfig {
+    /// The UDP address all peers' media uses. Port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// The address clients reach `listen` at, when it differs (NAT, containers).
+    pub public_ip: Option<IpAddr>,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_ip: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Join {
+        room: SpaceId,
+        member: ConnectionId,
+        mode: SubscriptionMode,
+    },
+    Leave {
+        member: ConnectionId,
+    },
+    Message {
+        member: ConnectionId,
+        message: ClientMessage,
+    },
+    Stats(oneshot::Sender<SfuStats>),
+    /// Makes the SFU panic, so tests can watch the supervisor recover. Not reachable from
+    /// any client or API.
+    #[doc(hidden)]
+    Crash,
+}
+
+/// A command and when it was queued (the queue-wait metric).
+#[derive(Debug)]
+pub struct Queued {
+    at: Instant,
+    command: Command,
+}
+
+/// What the media plane tells the gateway, in the order it happened.
+#[derive(Debug)]
+pub enum MediaEvent {
+    /// A frame for one connection (an answer, a server offer, a subscription reply, an
+    /// error).
+    Frame { to: ConnectionId, frame: Arc<str> },
+    /// Tell the space before any offer names the track.
+    TrackPublished {
+        space: SpaceId,
+        member: ConnectionId,
+        tid: String,
+    },
+    TrackUnpublished {
+        space: SpaceId,
+        member: ConnectionId,
+        tid: String,
+    },
+    ActiveSpeakers {
+        space: SpaceId,
+        tracks: Vec<SpeakingTrack>,
+    },
+    /// The client's peer connections are gone; close with 1012 so the SDK reconnects and
+    /// builds new ones.
+    Reconnect { member: ConnectionId },
+    /// The media plane lost track of who had media: every client reconnects.
+    ReconnectAll,
+}
+
+/// Where media events go: implemented by the gateway.
+pub trait MediaEvents: Send + Sync + 'static {
+    fn media_event(&self, event: MediaEvent);
+}
+
+/// The gateway's side of the media thread.
+#[derive(Debug)]
+pub struct MediaHandle {
+    tx: mpsc::Sender<Queued>,
+    up: Arc<AtomicBool>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Where the socket is bound.
+    pub local_addr: SocketAddr,
+    /// Our ICE host candidate.
+    pub candidate: SocketAddr,
+}
+
+impl MediaHandle {
+    /// The handle and the command stream for [`spawn`].
+    pub fn new(
+        local_addr: SocketAddr,
+        candidate: SocketAddr,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> (Self, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let handle = MediaHandle {
+            tx,
+            up: Arc::new(AtomicBool::new(false)),
+            metrics,
+            local_addr,
+            candidate,
+        };
+        (handle, rx)
+    }
+
+    /// Queues a command, waiting for room: membership changes must not be lost.
+    pub async fn send(&self, command: Command) {
+        let q = Queued {
+            at: Instant::now(),
+            command,
+        };
+        // Fails only when the media thread is gone (shutdown).
+        let _ = self.tx.send(q).await;
+    }
+
+    /// Queues a command if there is room; false when the queue is full (or gone).
+    pub fn try_send(&self, command: Command) -> bool {
+        let q = Queued {
+            at: Instant::now(),
+            command,
+        };
+        let ok = self.tx.try_send(q).is_ok();
+        if !ok {
+            self.metrics.media_refused_commands.inc();
+        }
+        ok
+    }
+
+    /// Commands waiting.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// More than half the queue is waiting: new joins are refused until it drains, so the
+    /// participants already here keep their media.
+    pub fn saturated(&self) -> bool {
+        self.queue_depth() > QUEUE_CAPACITY / 2
+    }
+
+    /// The media thread runs (false while it restarts after a panic, and before start).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub async fn stats(&self) -> Option<SfuStats> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Stats(tx)).await;
+        rx.await.ok()
+    }
+}
+
+/// The address to advertise for a socket bound to `local`.
+fn candidate_addr(local: SocketAddr, public_ip: Option<IpAddr>) -> SocketAddr {
+    if let Some(ip) = public_ip {
+        return SocketAddr::new(ip, local.port());
+    }
+    if !local.ip().is_unspecified() {
+        return local;
+    }
+    // Bound to every interface: advertise the one the default route leaves by. A UDP
+    // "connect" only consults the routing table; nothing is sent.
+    let probe = StdUdpSocket::bind((local.ip(), 0))
+        .and_then(|s| s.connect(("192.0.2.1", 9)).map(|()| s))
+        .and_then(|s| s.local_addr());
+    match probe {
+        Ok(a) => SocketAddr::new(a.ip(), local.port()),
+        Err(_) => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), local.port()),
+    }
+}
+
+/// Binds the media socket; [`spawn`] starts the thread once the gateway exists.
+pub fn bind(config: &MediaConfig) -> std::io::Result<(StdUdpSocket, SocketAddr, SocketAddr)> {
+    let socket = StdUdpSocket::bind(config.listen)?;
+    socket.set_nonblocking(true)?;
+    let local = socket.local_addr()?;
+    Ok((socket, local, candidate_addr(local, config.public_ip)))
+}
