@@ -213,11 +213,13 @@ struct Member {
     room: Name,
     joined_seq: u64,
     mode: SubscriptionMode,
-    publisher: Option<peer::Peer>,
+    /// Boxed: a str0m `Rtc` is tens of kilobytes, and inline it would make every member
+    /// slot that large whether or not it ever has media.
+    publisher: Option<Box<peer::Peer>>,
     /// mid → (tid, kind, muted) from `pending_track` (and mute messages before publish).
     announced: HashMap<Mid, (String, TrackKind, bool)>,
     tracks: HashMap<Mid, PubTrack>,
-    subscriber: Option<peer::Peer>,
+    subscriber: Option<Box<peer::Peer>>,
     negotiation: subscribe::Negotiation,
     slots: Vec<subscribe::Slot>,
     /// Manual subscriptions: (publisher member, tid).
@@ -230,8 +232,8 @@ struct Member {
 impl Member {
     fn peer_mut(&mut self, kind: PeerKind) -> Option<&mut peer::Peer> {
         match kind {
-            PeerKind::Publisher => self.publisher.as_mut(),
-            PeerKind::Subscriber => self.subscriber.as_mut(),
+            PeerKind::Publisher => self.publisher.as_deref_mut(),
+            PeerKind::Subscriber => self.subscriber.as_deref_mut(),
         }
     }
 
@@ -385,5 +387,18 @@ impl Sfu {
 
     pub fn poll_event(&mut self) -> Option<SfuEvent> {
         self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_without_media_is_small() {
+        // Every joined connection holds one member slot; a str0m `Rtc` inline (tens of
+        // kilobytes, twice) made that the largest cost of an idle participant.
+        let size = std::mem::size_of::<Option<Member>>();
+        assert!(size <= 1024, "a member slot is {size} bytes");
     }
 }

@@ -73,7 +73,7 @@ impl Sfu {
             PeerKind::Subscriber => &mut m.subscriber,
         };
         if slot.is_none() {
-            *slot = Some(new_peer(config.clone(), candidate, packets, now));
+            *slot = Some(Box::new(new_peer(config.clone(), candidate, packets, now)));
             self.timers.0.insert((now, i, kind));
             self.with_peers.insert(i);
             self.peers += 1;
