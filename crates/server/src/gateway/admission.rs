@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::Response;
 use spacegate_auth::{AuthError, VerifyOptions};
@@ -18,7 +17,8 @@ use spacegate_session::{ReserveError, ReserveMode, ReserveRequest};
 use spacegate_signaling::Joiner;
 use tokio::sync::{Notify, mpsc};
 
-use super::connection::{close_gracefully, send_timed, serve};
+use super::connection::{close_gracefully, send_text_timed, serve};
+use super::ws::{Message, Ws};
 use super::{CLOSE_NO_RECONNECT, Conn, Gateway, lock};
 use crate::AppState;
 use crate::ids::random_base62;
@@ -70,44 +70,40 @@ pub struct JoinParams {
     display_name: Option<String>,
 }
 
-/// Small per-connection buffers: tungstenite's default 128 KiB read buffer would cost more
-/// than everything else an idle participant holds.
-const SOCKET_BUFFER: usize = 1024;
-
 pub async fn upgrade(
     State(state): State<AppState>,
     params: Result<Query<JoinParams>, axum::extract::rejection::QueryRejection>,
-    ws: WebSocketUpgrade,
+    mut request: axum::extract::Request,
 ) -> Response {
     // A malformed query still upgrades, and the missing token is refused in-protocol.
     let params = params.map(|Query(p)| p).unwrap_or_default();
-    ws.read_buffer_size(SOCKET_BUFFER)
-        .write_buffer_size(SOCKET_BUFFER)
-        .max_write_buffer_size(MAX_FRAME_BYTES * 4)
-        .max_message_size(MAX_FRAME_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| async move {
-            let mut socket = socket;
-            let started = Instant::now();
-            // Boxed: the admission future (token check, store lookups) is large and must
-            // not stay part of every idle connection's task for its whole life.
-            match Box::pin(admit(&state, params, &mut socket)).await {
-                Ok(admitted) => serve(state, admitted, socket, started).await,
-                Err(r) => {
-                    state.gateway.metrics.join(r.outcome, started.elapsed());
-                    Box::pin(refuse(socket, r.body)).await
-                }
+    let response = match super::ws::handshake(request.method(), request.headers()) {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let Some(mut socket) = Ws::from_upgrade(on_upgrade, MAX_FRAME_BYTES).await else {
+            return;
+        };
+        // Boxed: the admission future (token check, store lookups) is large and must
+        // not stay part of every idle connection's task for its whole life.
+        match Box::pin(admit(&state, params, &mut socket)).await {
+            Ok(admitted) => serve(state, admitted, socket, started).await,
+            Err(r) => {
+                state.gateway.metrics.join(r.outcome, started.elapsed());
+                Box::pin(refuse(socket, r.body)).await
             }
-        })
+        }
+    });
+    response
 }
 
 /// Sends the SDK's `error`, then closes with 4000 so it does not retry.
-async fn refuse(mut socket: WebSocket, body: ErrorBody) {
+async fn refuse(mut socket: Ws, body: ErrorBody) {
     let frame = Envelope::new(ServerMessage::Error(body)).to_json();
-    if send_timed(&mut socket, Message::Text(frame.into()))
-        .await
-        .is_ok()
-    {
+    if send_text_timed(&mut socket, &frame).await.is_ok() {
         close_gracefully(&mut socket, CLOSE_NO_RECONNECT).await;
     }
 }
@@ -155,11 +151,7 @@ fn overloaded() -> Refusal {
     )
 }
 
-async fn admit(
-    state: &AppState,
-    params: JoinParams,
-    socket: &mut WebSocket,
-) -> Result<Admitted, Refusal> {
+async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<Admitted, Refusal> {
     let gw = &state.gateway;
     // Shed load before spending an RSA verify on it: while the media plane's queue is
     // more than half full, every join would only add to the backlog.

@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use spacegate_proto::SessionId;
 use spacegate_proto::signaling::{
     ClientMessage, Envelope, ErrorBody, RequestErrorType, ServerMessage,
@@ -13,6 +12,7 @@ use spacegate_signaling::{FloodGuard, Liveness, LivenessAction};
 use tokio::sync::watch;
 
 use super::admission::Admitted;
+use super::ws::{Message, Ws};
 use super::{CLOSE_NO_RECONNECT, CLOSE_RESTART, lock};
 use crate::AppState;
 use crate::ids::random_base62;
@@ -21,15 +21,9 @@ use crate::metrics::{JoinOutcome, JoinStage};
 /// Sends a close frame and reads until the peer's close (briefly). Dropping the socket
 /// straight away would reset the TCP connection while the peer still has data in flight,
 /// and a reset can destroy the error and close frames we just sent.
-pub(super) async fn close_gracefully(socket: &mut WebSocket, code: u16) {
-    let frame = CloseFrame {
-        code,
-        reason: "".into(),
-    };
-    if send_timed(socket, Message::Close(Some(frame)))
-        .await
-        .is_err()
-    {
+pub(super) async fn close_gracefully(socket: &mut Ws, code: u16) {
+    let closed = tokio::time::timeout(SEND_TIMEOUT, socket.close(code)).await;
+    if !matches!(closed, Ok(Ok(()))) {
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -42,7 +36,7 @@ pub(super) async fn close_gracefully(socket: &mut WebSocket, code: u16) {
     .await;
 }
 
-pub(super) async fn serve(state: AppState, a: Admitted, mut socket: WebSocket, started: Instant) {
+pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started: Instant) {
     let gw = state.gateway.clone();
     let Admitted {
         space,
@@ -88,7 +82,7 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: WebSocket, s
         tokio::select! {
             frame = rx.recv() => {
                 let Some(frame) = frame else { break None };
-                if send_timed(&mut socket, Message::Text((&*frame).into())).await.is_err() {
+                if send_text_timed(&mut socket, &frame).await.is_err() {
                     break None;
                 }
             }
@@ -96,11 +90,11 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: WebSocket, s
                 liveness.heard(gw.now_ms());
                 match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Ok(Message::Binary(_))) => {
                         if !flood.admit(gw.now_ms()) { break Some(Box::pin(flooded(&mut socket)).await); }
                         let body = ErrorBody::request(RequestErrorType::Unknown, "binary frames are not supported; send JSON text frames", None);
-                        let _ = send_timed(&mut socket, Message::Text(Envelope::new(ServerMessage::Error(body)).to_json().into())).await;
+                        let _ = send_text_timed(&mut socket, &Envelope::new(ServerMessage::Error(body)).to_json()).await;
                     }
                     Some(Ok(Message::Text(text))) => {
                         if !flood.admit(gw.now_ms()) { break Some(Box::pin(flooded(&mut socket)).await); }
@@ -111,7 +105,7 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: WebSocket, s
                             }
                             Err(e) => {
                                 let body = ErrorBody::request(RequestErrorType::Unknown, e.to_string(), None);
-                                let _ = send_timed(&mut socket, Message::Text(Envelope::new(ServerMessage::Error(body)).to_json().into())).await;
+                                let _ = send_text_timed(&mut socket, &Envelope::new(ServerMessage::Error(body)).to_json()).await;
                             }
                         }
                     }
@@ -159,15 +153,24 @@ async fn drained(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|d| *d).await;
 }
 
-/// A write that cannot complete in time means the peer stopped reading.
-pub(super) async fn send_timed(socket: &mut WebSocket, m: Message) -> Result<(), ()> {
-    match tokio::time::timeout(Duration::from_secs(5), socket.send(m)).await {
+/// A write that cannot complete in this time means the peer stopped reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn send_timed(socket: &mut Ws, m: Message) -> Result<(), ()> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(m)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
 }
 
-async fn flooded(socket: &mut WebSocket) -> u16 {
+pub(super) async fn send_text_timed(socket: &mut Ws, text: &str) -> Result<(), ()> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send_text(text)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+async fn flooded(socket: &mut Ws) -> u16 {
     let body = ErrorBody {
         fatal: true,
         ..ErrorBody::request(
@@ -176,10 +179,6 @@ async fn flooded(socket: &mut WebSocket) -> u16 {
             None,
         )
     };
-    let _ = send_timed(
-        socket,
-        Message::Text(Envelope::new(ServerMessage::Error(body)).to_json().into()),
-    )
-    .await;
+    let _ = send_text_timed(socket, &Envelope::new(ServerMessage::Error(body)).to_json()).await;
     CLOSE_NO_RECONNECT
 }

@@ -18,6 +18,7 @@ mod activity;
 mod admission;
 mod connection;
 mod spaces;
+mod ws;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
