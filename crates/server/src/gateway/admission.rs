@@ -79,7 +79,7 @@ pub async fn upgrade(
     let params = params.map(|Query(p)| p).unwrap_or_default();
     let response = match super::ws::handshake(request.method(), request.headers()) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {

@@ -85,6 +85,22 @@ fn bytes_of(chunk: &[u8]) -> tokio_tungstenite::tungstenite::Bytes {
     tokio_tungstenite::tungstenite::Bytes::copy_from_slice(chunk)
 }
 
+/// Why an upgrade request was refused: an HTTP status and a reason.
+#[derive(Debug)]
+pub(super) struct Refused(pub StatusCode, pub &'static str);
+
+impl Refused {
+    pub(super) fn into_response(self) -> Response<Body> {
+        let mut r = Response::new(Body::from(self.1));
+        *r.status_mut() = self.0;
+        if self.0 == StatusCode::UPGRADE_REQUIRED {
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        r
+    }
+}
+
 /// Checks a WebSocket upgrade request (RFC 6455 §4.2.1) and builds the 101 response.
 /// Anything else gets 400 (or 426 without `Upgrade: websocket`), as a plain HTTP error:
 /// only a client that is not a WebSocket client sees it.
@@ -188,7 +204,10 @@ mod tests {
         let status = |m: Method, edit: &dyn Fn(&mut HeaderMap)| {
             let mut h = upgrade_headers();
             edit(&mut h);
-            handshake(&m, &h).expect_err("refused").status()
+            handshake(&m, &h)
+                .expect_err("refused")
+                .into_response()
+                .status()
         };
         assert_eq!(
             status(Method::POST, &|_| {}),
