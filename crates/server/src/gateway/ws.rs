@@ -104,19 +104,8 @@ impl Refused {
 /// Checks a WebSocket upgrade request (RFC 6455 §4.2.1) and builds the 101 response.
 /// Anything else gets 400 (or 426 without `Upgrade: websocket`), as a plain HTTP error:
 /// only a client that is not a WebSocket client sees it.
-pub(super) fn handshake(
-    method: &Method,
-    headers: &HeaderMap,
-) -> Result<Response<Body>, Response<Body>> {
-    let refuse = |status: StatusCode, why: &'static str| {
-        let mut r = Response::new(Body::from(why));
-        *r.status_mut() = status;
-        if status == StatusCode::UPGRADE_REQUIRED {
-            r.headers_mut()
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        }
-        r
-    };
+pub(super) fn handshake(method: &Method, headers: &HeaderMap) -> Result<Response<Body>, Refused> {
+    let refuse = |status: StatusCode, why: &'static str| Refused(status, why);
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
             v.to_str()
