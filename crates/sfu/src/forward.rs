@@ -139,10 +139,12 @@ impl Sfu {
                 w = w.audio_level(level, data.ext_vals.voice_activity.unwrap_or(false));
             }
             let time = MediaTime::new(out_time, data.time.frequency());
-            if w.write(pt, data.network_time, time, data.data.clone())
-                .is_ok()
-            {
+            // Our clock, not the frame's arrival time: str0m orders a section's pending
+            // writes by it, and a frame the publisher repaired by retransmission arrives
+            // with an older network time than frames already written.
+            if w.write(pt, now, time, data.data.clone()).is_ok() {
                 slot.last_out = Some((out_time, now));
+                slot.started |= keyframe || kind == TrackKind::Audio;
                 self.stats.forwarded_frames += 1;
                 self.stats.forwarded_bytes += data.data.len() as u64;
             }
@@ -205,7 +207,7 @@ impl Sfu {
             for (n, want) in wants {
                 let slot = &mut m.slots[n];
                 slot.want_layer = want;
-                let waiting = slot.layer != slot.want_layer || slot.last_out.is_none();
+                let waiting = slot.layer != slot.want_layer || !slot.started;
                 if let (Some(track), true, true, TrackKind::Video) =
                     (slot.track, slot.negotiated && connected, waiting, slot.kind)
                 {

@@ -30,6 +30,10 @@ pub(crate) struct Slot {
     /// Output RTP time = input + offset, rebased at layer switches so time never jumps.
     pub(crate) time_offset: i64,
     pub(crate) last_out: Option<(u64, Instant)>,
+    /// A keyframe (or, for audio, any frame) went out: the subscriber can decode. Until
+    /// then the periodic pass keeps asking for a keyframe; a delta frame forwarded first
+    /// (the keyframe asked for at the answer arrived before DTLS was up) must not count.
+    pub(crate) started: bool,
 }
 
 #[derive(Debug)]
@@ -254,6 +258,7 @@ impl Sfu {
                 want_layer: layer,
                 time_offset: 0,
                 last_out: None,
+                started: false,
             });
         }
         let Some((offer, pending)) = api.apply() else {
@@ -275,6 +280,7 @@ impl Sfu {
             slot.layer = None;
             slot.want_layer = layer;
             slot.time_offset = 0;
+            slot.started = false;
         }
         m.slots.extend(added);
         m.negotiation = Negotiation::Offered(pending);

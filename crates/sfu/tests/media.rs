@@ -283,9 +283,9 @@ fn a_late_joiner_makes_the_sfu_ask_the_publisher_for_a_keyframe() {
 }
 
 #[test]
-#[ignore = "SFU bug: the keyframe asked for at the answer arrives before DTLS is up, \
-            the request at the connection falls in the throttle window, and once a \
-            delta frame was forwarded nothing asks again"]
+/// Regression: the keyframe asked for at the answer arrived before DTLS was up, the
+/// request at the connection fell in the throttle window, and once a delta frame was
+/// forwarded nothing asked again.
 fn a_late_joiner_receives_a_keyframe_without_asking() {
     let (mut net, alice, carol, _, _) = late_join();
     let got_keyframe = |net: &Net| net.client(carol).frames("alice-v").any(|f| f.keyframe);
@@ -583,9 +583,9 @@ fn lose_one_frame(
 }
 
 #[test]
-#[ignore = "SFU bug: the SFU writes each frame with its network_time as str0m's \
-            wallclock, and str0m queues a section's frames by wallclock, so a frame \
-            completed by a retransmission goes out after the frames that overtook it"]
+/// Regression: frames were written with their network time as str0m's wallclock, and
+/// str0m queues a section's frames by wallclock, so a frame completed by a
+/// retransmission went out after the frames that overtook it.
 fn a_frame_repaired_by_retransmission_upstream_is_forwarded_in_order() {
     let (mut net, alice) = alice_publishes(&[TrackSpec::video("alice-v")]);
     let bob = net.join("bob", AUTO);
