@@ -15,11 +15,11 @@ use spacegate_proto::signaling::{
 use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
 use spacegate_session::{ReserveError, ReserveMode, ReserveRequest};
 use spacegate_signaling::Joiner;
-use tokio::sync::{Notify, mpsc};
 
 use super::connection::{close_gracefully, send_text_timed, serve};
+use super::outbox::Outbox;
 use super::ws::{Message, Ws};
-use super::{CLOSE_NO_RECONNECT, Conn, Gateway, lock};
+use super::{CLOSE_NO_RECONNECT, Gateway, lock};
 use crate::AppState;
 use crate::ids::random_base62;
 use crate::join::{JoinAuthError, verify_join_token};
@@ -112,9 +112,7 @@ pub(super) struct Admitted {
     pub(super) space: SpaceId,
     pub(super) joiner: Joiner,
     pub(super) credential: String,
-    pub(super) kill: Arc<Notify>,
-    pub(super) restart: Arc<Notify>,
-    pub(super) rx: mpsc::Receiver<Arc<str>>,
+    pub(super) outbox: Arc<Outbox>,
 }
 
 /// Why a join was refused: the SDK's error, and the outcome for `/metrics`.
@@ -337,17 +335,8 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
         ));
     }
 
-    let (tx, rx) = mpsc::channel(gw.config.outbound_queue);
-    let kill = Arc::new(Notify::new());
-    let restart = Arc::new(Notify::new());
-    lock(&gw.conns).insert(
-        connection_id.clone(),
-        Conn {
-            tx,
-            kill: kill.clone(),
-            restart: restart.clone(),
-        },
-    );
+    let outbox = Arc::new(Outbox::new(gw.config.outbound_queue));
+    lock(&gw.conns).insert(connection_id.clone(), outbox.clone());
     if let Some(old) = &reservation.replaced {
         // The stale connection of a reconnecting participant: out of the space now, and
         // its socket told to go (with 4000, so a ghost that is still alive stays away).
@@ -360,7 +349,7 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
             })
             .await;
         if let Some(c) = lock(&gw.conns).get(old) {
-            c.kill.notify_one();
+            c.close(CLOSE_NO_RECONNECT);
         }
     }
     let sub_sfus = vec![SfuDescription {
@@ -379,8 +368,6 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
             reconnected: reservation.replaced.is_some(),
             sub_sfus,
         },
-        kill,
-        restart,
-        rx,
+        outbox,
     })
 }

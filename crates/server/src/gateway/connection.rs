@@ -12,6 +12,7 @@ use spacegate_signaling::{FloodGuard, Liveness, LivenessAction};
 use tokio::sync::watch;
 
 use super::admission::Admitted;
+use super::outbox::Next;
 use super::ws::{Message, Ws};
 use super::{CLOSE_NO_RECONNECT, CLOSE_RESTART, lock};
 use crate::AppState;
@@ -42,9 +43,7 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
         space,
         joiner,
         credential,
-        kill,
-        restart,
-        mut rx,
+        outbox,
     } = a;
     let conn = joiner.connection_id.clone();
     let participant = joiner.participant_id.clone();
@@ -80,12 +79,14 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
     let mut flood = FloodGuard::new(gw.config.inbound_per_second, gw.now_ms());
     let close_code = loop {
         tokio::select! {
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break None };
-                if send_text_timed(&mut socket, &frame).await.is_err() {
-                    break None;
+            next = outbox.next() => match next {
+                Next::Frame(frame) => {
+                    if send_text_timed(&mut socket, &frame).await.is_err() {
+                        break None;
+                    }
                 }
-            }
+                Next::Close(code) => break Some(code),
+            },
             incoming = socket.recv() => {
                 liveness.heard(gw.now_ms());
                 match incoming {
@@ -125,8 +126,6 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
                     LivenessAction::Wait => {}
                 }
             }
-            () = kill.notified() => break Some(CLOSE_NO_RECONNECT),
-            () = restart.notified() => break Some(CLOSE_RESTART),
             () = drained(&mut drain) => break Some(CLOSE_RESTART),
         }
     };

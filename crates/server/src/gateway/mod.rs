@@ -17,6 +17,7 @@
 mod activity;
 mod admission;
 mod connection;
+mod outbox;
 mod spaces;
 mod ws;
 
@@ -28,7 +29,7 @@ use spacegate_proto::signaling::ClientMessage;
 use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
 use spacegate_session::Registry;
 use spacegate_signaling::SpaceConfig;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::watch;
 
 use crate::media::{MediaEvent, MediaEvents};
 
@@ -77,20 +78,14 @@ impl Default for GatewayConfig {
     }
 }
 
-struct Conn {
-    tx: mpsc::Sender<Arc<str>>,
-    /// Set when the connection must go: replaced by a reconnect, or too slow.
-    kill: Arc<Notify>,
-    /// Set when the client should come back (close 1012): its media peers broke.
-    restart: Arc<Notify>,
-}
-
 /// All live connections and spaces of this node.
 pub struct Gateway {
     pub registry: Arc<dyn Registry>,
     pub config: GatewayConfig,
     spaces: Mutex<HashMap<SpaceId, Arc<spaces::Slot>>>,
-    conns: Mutex<HashMap<ConnectionId, Conn>>,
+    /// Each connection's outbound queue and close signal. A full queue (a reader too
+    /// slow) closes with 4000; a broken media plane asks for 1012 (the SDK reconnects).
+    conns: Mutex<HashMap<ConnectionId, Arc<outbox::Outbox>>>,
     /// Participants that left recently: (space, participant) → (when, credential). Lets a
     /// reconnect with an expired token through, within `reconnect_grace`.
     departed: Mutex<HashMap<(SpaceId, ParticipantId), (Instant, String)>>,
@@ -184,10 +179,8 @@ impl Gateway {
 
     /// Queues one frame for one connection; a full queue disconnects it.
     fn send_frame(&self, to: &ConnectionId, frame: Arc<str>) {
-        if let Some(c) = lock(&self.conns).get(to)
-            && c.tx.try_send(frame).is_err()
-        {
-            c.kill.notify_one();
+        if let Some(c) = lock(&self.conns).get(to) {
+            c.push_or_close(frame, CLOSE_NO_RECONNECT);
         }
     }
 
@@ -195,7 +188,7 @@ impl Gateway {
     /// and build new peer connections.
     fn ask_to_reconnect(&self, to: &ConnectionId) {
         if let Some(c) = lock(&self.conns).get(to) {
-            c.restart.notify_one();
+            c.close(CLOSE_RESTART);
         }
     }
 
@@ -222,7 +215,7 @@ impl MediaEvents for Gateway {
             MediaEvent::Reconnect { member } => self.ask_to_reconnect(&member),
             MediaEvent::ReconnectAll => {
                 for c in lock(&self.conns).values() {
-                    c.restart.notify_one();
+                    c.close(CLOSE_RESTART);
                 }
             }
         }

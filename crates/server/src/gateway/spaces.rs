@@ -9,7 +9,7 @@ use spacegate_proto::SpaceId;
 use spacegate_signaling::{Output, Space};
 
 use super::activity::Activity;
-use super::{Gateway, lock, message_kind};
+use super::{CLOSE_NO_RECONNECT, CLOSE_RESTART, Gateway, lock, message_kind};
 
 pub(super) struct Slot {
     space: Mutex<Space>,
@@ -82,12 +82,10 @@ impl Gateway {
         for o in out {
             match o {
                 Output::Send { to, frame } => {
-                    if let Some(c) = conns.get(&to)
-                        && c.tx.try_send(frame).is_err()
-                    {
+                    if let Some(c) = conns.get(&to) {
                         // Queue full: this reader cannot keep up. Cut it off rather than
                         // buffer without bound or slow the space down.
-                        c.kill.notify_one();
+                        c.push_or_close(frame, CLOSE_NO_RECONNECT);
                     }
                 }
                 // The receiving task lives as long as the runtime; a send error only
@@ -108,7 +106,7 @@ impl Gateway {
                         // its session with fresh peer connections once the queue drains.
                         tracing::warn!(%from, "media plane saturated; asking the client to reconnect");
                         if let Some(c) = conns.get(&from) {
-                            c.restart.notify_one();
+                            c.close(CLOSE_RESTART);
                         }
                     }
                 }

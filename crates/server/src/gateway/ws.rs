@@ -20,9 +20,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 
 pub(super) use tokio_tungstenite::tungstenite::Message;
 
-/// Largest frame we send. Also the read buffer: the SDK's frames are small, and a larger
-/// one (an SDP offer) only grows it while it is read.
-pub(super) const FRAGMENT: usize = 1024;
+/// Largest frame we send, and the read buffer: tungstenite keeps both buffers at the
+/// largest size they reached for the connection's life. The SDK's frames are small; a
+/// larger one (an SDP offer) takes a few more reads.
+pub(super) const FRAGMENT: usize = 256;
 
 /// A joined connection's socket.
 pub(super) struct Ws(WebSocketStream<TokioIo<Upgraded>>);
