@@ -1,60 +1,60 @@
 #!/usr/bin/env bash
-# Join-gateway benchmark: the release server pinned to core 0, the load generator on core 1.
-# Prints, from one run (the machine is noisy, so compare ratios, not absolute numbers):
-#   - openssl speed rsa2048 verify/s on this machine (the RSA limit of a join)
-#   - joins/s, p50/p99 join latency at concurrency 10, 100, 1000
-#   - joins/s per server core ÷ openssl verify/s, and server CPU µs per join (/proc)
-#   - user-space memory per idle joined connection, holding $HOLD connections
+# One node at full scale (issue 10): the release server pinned to core 0, the load generator
+# on core 1, openssl's RSA-2048 verify rate measured on core 0 in the same run.
 #
-#   benches/join.sh                 # JOINS=5000 HOLD=15000 by default
-set -euo pipefail
-cd "$(dirname "$0")/.."
+#   Goal 1  server CPU per join (concurrency 100) with 0, 1 000, 15 000 participants held
+#           over 1 000 spaces and after they left: max ≤ 1.15 × min
+#   Goal 2  joins/s per server core ≥ 0.30 × openssl verify/s (population 0, every join
+#           activates a space and every leave idles it); p99 latency at concurrency
+#           10 / 100 / 1000 ≤ 5 / 30 / 100 ms; per-stage µs when the server exposes metrics
+#   Goal 3  server RSS per idle joined connection ≤ 4 KiB, at 15 and at 100 per space
+#
+# Writes benches/out/join-<timestamp>.csv (every measurement) and .svg (chart).
+#
+#   benches/join.sh                                             # full size
+#   POPULATIONS="0 300" SPACES=30 JOINS=300 benches/join.sh     # a quick check
+source "$(dirname "$0")/lib.sh"
+
+POPULATIONS=${POPULATIONS:-"0 1000 15000"}
+SPACES=${SPACES:-1000}
 JOINS=${JOINS:-5000}
-HOLD=${HOLD:-15000}
+CONCURRENCIES=${CONCURRENCIES:-"10 100 1000"}
+# Goal 3's second density: the largest population again, this many per space.
+DENSE_PER_SPACE=${DENSE_PER_SPACE:-100}
+RAMP=${RAMP:-200}
+# Room for the densest space plus the churn that joins it.
+MAX_PARTICIPANTS=${MAX_PARTICIPANTS:-1000}
+OPENSSL_SECS=${OPENSSL_SECS:-3}
 
-cargo build --release --quiet --bin spacegate --bin spacegate-load
-BIN=target/release
-WORK=$(mktemp -d)
-trap 'kill "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
-ulimit -n 20000 2>/dev/null || true
+CSV="$OUT/join-$STAMP.csv"
+SVG="$OUT/join-$STAMP.svg"
+PEAK=$(echo "$POPULATIONS" | tr ' ' '\n' | sort -n | tail -1)
+need_fds $(( PEAK + $(echo "$CONCURRENCIES" | tr ' ' '\n' | sort -n | tail -1) + 100 ))
 
-taskset -c 0 "$BIN/spacegate" serve --listen 127.0.0.1:0 --data-dir "$WORK/data" \
-  --max-participants 1000 --log warn >"$WORK/out" 2>"$WORK/err" &
-SERVER=$!
-for _ in $(seq 100); do grep -q listening "$WORK/out" && break; sleep 0.1; done
-URL=$(sed -n 's/^spacegate: listening on //p' "$WORK/out")
-export MUX_TOKEN_ID=$(sed -n 's/^ *MUX_TOKEN_ID=//p' "$WORK/out")
-export MUX_TOKEN_SECRET=$(sed -n 's/^ *MUX_TOKEN_SECRET=//p' "$WORK/out")
-
-OPENSSL=$(openssl speed -seconds 3 rsa2048 2>/dev/null | awk '/^rsa 2048 bits/ {print $NF}')
+# On the server's core, with nothing else running there: the RSA limit of a join.
+OPENSSL=$(taskset -c 0 openssl speed -seconds "$OPENSSL_SECS" rsa2048 2>/dev/null | awk '/^rsa 2048 bits/ {print $NF}')
 echo "{\"openssl_rsa2048_verify_per_sec\": $OPENSSL}"
 
-for C in 10 100 1000; do
-  SPACES=$(( (C + 499) / 500 ))
-  # --server-pid: the generator reads the server's CPU time (/proc) around the timed part
-  # only, not around key creation and token signing.
-  line=$(taskset -c 1 "$BIN/spacegate-load" join --url "$URL" --concurrency "$C" --joins "$JOINS" \
-    --spaces "$SPACES" --server-pid "$SERVER")
-  python3 - "$line" "$OPENSSL" <<'PY'
-import json, sys
-r = json.loads(sys.argv[1]); openssl = float(sys.argv[2])
-us = r.get("server_cpu_us_per_join")
-if us:
-    # One server core spends `us` µs per join, so it can do 1e6/us joins per second.
-    r["joins_per_server_core_sec"] = round(1e6 / us, 1)
-    r["ratio_to_openssl_verify"] = round(1e6 / us / openssl, 3)
-print(json.dumps(r))
-PY
-done
+# Goals 1 and 2 (and goal 3 at $PEAK / $SPACES per space): one server, one generator,
+# every phase in order.
+start_server population --max-participants "$MAX_PARTICIPANTS"
+load scale --url "$URL" --server-pid "$SERVER" --label population --csv "$CSV" \
+  --spaces "$SPACES" --populations "$(csv_list $POPULATIONS)" \
+  --concurrency "$(csv_list $CONCURRENCIES)" --joins "$JOINS" --ramp-concurrency "$RAMP" \
+  ${METRICS_URL:+--metrics-url "$METRICS_URL"}
+stop_server
 
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$SERVER/status"; }
-base=$(rss_kb)
-taskset -c 1 "$BIN/spacegate-load" hold --url "$URL" --connections "$HOLD" --spaces $(( (HOLD + 99) / 100 )) \
-  --hold-secs 20 >"$WORK/hold" &
-LOAD=$!
-for _ in $(seq 600); do grep -q holding "$WORK/hold" 2>/dev/null && break; sleep 0.5; done
-sleep 3
-held=$(rss_kb)
-joined=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["joined"])' "$WORK/hold")
-echo "{\"idle_connections\": $joined, \"server_rss_before_kb\": $base, \"server_rss_holding_kb\": $held, \"bytes_per_idle_connection\": $(( (held - base) * 1024 / (joined > 0 ? joined : 1) ))}"
-wait "$LOAD"
+# Goal 3 at $DENSE_PER_SPACE per space, on a fresh server (a server that already held and
+# released a population reuses that memory and would look cheaper). The same churn first,
+# so the allocator is as warm as in the run above when the hold starts.
+if [ "$PEAK" -gt 0 ]; then
+  start_server dense --max-participants "$MAX_PARTICIPANTS"
+  load scale --url "$URL" --server-pid "$SERVER" --label dense --csv "$CSV" \
+    --spaces $(( (PEAK + DENSE_PER_SPACE - 1) / DENSE_PER_SPACE )) --populations "0,$PEAK" \
+    --concurrency "$(csv_list $CONCURRENCIES)" --joins "$JOINS" --ramp-concurrency "$RAMP" \
+    --churn-only-idle --no-release-phase
+  stop_server
+fi
+
+python3 benches/report.py join --csv "$CSV" --svg "$SVG" --openssl "$OPENSSL"
+echo "wrote $CSV and $SVG"
