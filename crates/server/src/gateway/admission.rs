@@ -84,7 +84,7 @@ pub async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         let started = Instant::now();
-        let Some(mut socket) = Ws::from_upgrade(on_upgrade, MAX_FRAME_BYTES).await else {
+        let Some(mut socket) = Box::pin(Ws::from_upgrade(on_upgrade, MAX_FRAME_BYTES)).await else {
             return;
         };
         // Boxed: the admission future (token check, store lookups) is large and must
@@ -337,17 +337,21 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
 
     let outbox = Arc::new(Outbox::new(gw.config.outbound_queue));
     lock(&gw.conns).insert(connection_id.clone(), outbox.clone());
+    // After the insert: a drain that began meanwhile either saw this connection or is
+    // seen here.
+    if gw.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        outbox.close(super::CLOSE_RESTART);
+    }
     if let Some(old) = &reservation.replaced {
         // The stale connection of a reconnecting participant: out of the space now, and
         // its socket told to go (with 4000, so a ghost that is still alive stays away).
         gw.with_space(&claims.space_id, |space, out| space.leave(old, out));
         // Its media goes now too, before the newcomer re-publishes the same tids: the
         // ghost's own leave only comes after its socket's close handshake (seconds).
-        gw.media
-            .send(crate::media::Command::Leave {
-                member: old.clone(),
-            })
-            .await;
+        Box::pin(gw.media.send(crate::media::Command::Leave {
+            member: old.clone(),
+        }))
+        .await;
         if let Some(c) = lock(&gw.conns).get(old) {
             c.close(CLOSE_NO_RECONNECT);
         }

@@ -9,12 +9,11 @@ use spacegate_proto::signaling::{
     ClientMessage, Envelope, ErrorBody, RequestErrorType, ServerMessage,
 };
 use spacegate_signaling::{FloodGuard, Liveness, LivenessAction};
-use tokio::sync::watch;
 
 use super::admission::Admitted;
 use super::outbox::Next;
 use super::ws::{Message, Ws};
-use super::{CLOSE_NO_RECONNECT, CLOSE_RESTART, lock};
+use super::{CLOSE_NO_RECONNECT, lock};
 use crate::AppState;
 use crate::ids::random_base62;
 use crate::metrics::{JoinOutcome, JoinStage};
@@ -59,17 +58,17 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
     gw.metrics.join_stage(JoinStage::Space, stage.elapsed());
     // After the join: the media plane may offer tracks only to a client that knows them.
     let stage = Instant::now();
-    gw.media
-        .send(crate::media::Command::Join {
-            room: space.clone(),
-            member: conn.clone(),
-            mode,
-        })
-        .await;
+    // Boxed, like every await that is not the idle wait: inline, each would grow every
+    // idle connection's task by its size.
+    Box::pin(gw.media.send(crate::media::Command::Join {
+        room: space.clone(),
+        member: conn.clone(),
+        mode,
+    }))
+    .await;
     gw.metrics.join_stage(JoinStage::Media, stage.elapsed());
     gw.metrics.join(JoinOutcome::Joined, started.elapsed());
 
-    let mut drain = gw.drain.subscribe();
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let mut liveness = Liveness::new(
         gw.now_ms(),
@@ -81,7 +80,7 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
         tokio::select! {
             next = outbox.next() => match next {
                 Next::Frame(frame) => {
-                    if send_text_timed(&mut socket, &frame).await.is_err() {
+                    if Box::pin(send_text_timed(&mut socket, &frame)).await.is_err() {
                         break None;
                     }
                 }
@@ -95,7 +94,7 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
                     Some(Ok(Message::Binary(_))) => {
                         if !flood.admit(gw.now_ms()) { break Some(Box::pin(flooded(&mut socket)).await); }
                         let body = ErrorBody::request(RequestErrorType::Unknown, "binary frames are not supported; send JSON text frames", None);
-                        let _ = send_text_timed(&mut socket, &Envelope::new(ServerMessage::Error(body)).to_json()).await;
+                        let _ = Box::pin(send_text_timed(&mut socket, &Envelope::new(ServerMessage::Error(body)).to_json())).await;
                     }
                     Some(Ok(Message::Text(text))) => {
                         if !flood.admit(gw.now_ms()) { break Some(Box::pin(flooded(&mut socket)).await); }
@@ -106,7 +105,7 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
                             }
                             Err(e) => {
                                 let body = ErrorBody::request(RequestErrorType::Unknown, e.to_string(), None);
-                                let _ = send_text_timed(&mut socket, &Envelope::new(ServerMessage::Error(body)).to_json()).await;
+                                let _ = Box::pin(send_text_timed(&mut socket, &Envelope::new(ServerMessage::Error(body)).to_json())).await;
                             }
                         }
                     }
@@ -119,14 +118,13 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
                         break None;
                     }
                     LivenessAction::Ping => {
-                        if send_timed(&mut socket, Message::Ping(Default::default())).await.is_err() {
+                        if Box::pin(send_timed(&mut socket, Message::Ping(Default::default()))).await.is_err() {
                             break None;
                         }
                     }
                     LivenessAction::Wait => {}
                 }
             }
-            () = drained(&mut drain) => break Some(CLOSE_RESTART),
         }
     };
     if let Some(code) = close_code {
@@ -137,19 +135,13 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
     lock(&gw.conns).remove(&conn);
     gw.record_departure(&space, &participant, credential);
     gw.with_space(&space, |s, out| s.leave(&conn, out));
-    gw.media
-        .send(crate::media::Command::Leave {
-            member: conn.clone(),
-        })
-        .await;
+    Box::pin(gw.media.send(crate::media::Command::Leave {
+        member: conn.clone(),
+    }))
+    .await;
     if let Err(e) = gw.registry.release(&space, &participant, &conn).await {
         tracing::error!(error = %e, "registry release failed");
     }
-}
-
-async fn drained(rx: &mut watch::Receiver<bool>) {
-    // An error means the gateway is gone, which is a drain too.
-    let _ = rx.wait_for(|d| *d).await;
 }
 
 /// A write that cannot complete in this time means the peer stopped reading.

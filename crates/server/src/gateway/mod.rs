@@ -29,7 +29,6 @@ use spacegate_proto::signaling::ClientMessage;
 use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
 use spacegate_session::Registry;
 use spacegate_signaling::SpaceConfig;
-use tokio::sync::watch;
 
 use crate::media::{MediaEvent, MediaEvents};
 
@@ -90,7 +89,8 @@ pub struct Gateway {
     /// reconnect with an expired token through, within `reconnect_grace`.
     departed: Mutex<HashMap<(SpaceId, ParticipantId), (Instant, String)>>,
     activity: Arc<activity::ActivityQueue>,
-    drain: watch::Sender<bool>,
+    /// Set once shutdown began: every connection, present or arriving, closes with 1012.
+    draining: std::sync::atomic::AtomicBool,
     started: Instant,
     pub media: crate::media::MediaHandle,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -130,7 +130,7 @@ impl Gateway {
             conns: Mutex::new(HashMap::new()),
             departed: Mutex::new(HashMap::new()),
             activity,
-            drain: watch::channel(false).0,
+            draining: false.into(),
             started: Instant::now(),
             media,
             metrics,
@@ -170,7 +170,11 @@ impl Gateway {
     /// Tells every connection to close with 1012 (the SDK reconnects elsewhere) and waits
     /// up to `grace` for them to go.
     pub async fn drain(&self, grace: Duration) {
-        self.drain.send_replace(true);
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in lock(&self.conns).values() {
+            c.close(CLOSE_RESTART);
+        }
         let deadline = Instant::now() + grace;
         while self.connection_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
