@@ -129,6 +129,70 @@ async fn a_publishers_audio_and_video_reach_two_subscribers_intact() {
     let s = fx.stats().await;
     assert_eq!(s.published_tracks, 2);
     assert_eq!(s.forwards, 4, "2 tracks × 2 subscribers");
+    // What operators see moves with it.
+    let metrics = spacegate_server::metrics::render(&fx.s.state.gateway);
+    assert!(
+        metric(&metrics, "spacegate_forwarded_frames_total") >= 160.0,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "spacegate_forwarded_bytes_total") > 0.0);
+    assert_eq!(metric(&metrics, "spacegate_sfu_members"), 3.0);
+    assert!(metric(&metrics, "spacegate_sfu_peer_connections") >= 3.0);
+}
+
+/// The value of an unlabelled sample in a metrics text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_media_plane_panic_restarts_it_and_reconnects_only_clients_with_media() {
+    let fx = Fx::new().await;
+    let (mut alice, _media) = publisher(&fx, "alice").await;
+    // Manual mode, nothing subscribed: bob has no peer connection.
+    let mut bob = fx.join_with("bob", 0).await;
+    fx.wait_stats(|s| s.members == 2 && s.peer_connections >= 1)
+        .await;
+
+    fx.s.state.gateway.crash_media_plane_for_tests().await;
+
+    // Alice's peer connections died with the SFU: she is told to reconnect (1012).
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            match alice.next().await {
+                Ok(_) => continue,
+                Err(spacegate_client::ClientError::Closed { code }) => break code,
+                Err(e) => panic!("unexpected: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("alice is closed");
+    assert_eq!(code, Some(1012));
+    // Bob noticed nothing, and the new SFU knows him: he can publish at once.
+    bob.publish(&[TrackSpec::audio("bob-a")])
+        .await
+        .expect("bob publishes after the restart");
+    let s = fx
+        .wait_stats(|s| s.members == 1 && s.published_tracks == 1)
+        .await;
+    assert_eq!(s.peer_connections, 1);
+    let metrics = spacegate_server::metrics::render(&fx.s.state.gateway);
+    assert_eq!(metric(&metrics, "spacegate_media_restarts_total"), 1.0);
+    let ready =
+        fx.s.http
+            .get(fx.s.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        200,
+        "ready again once the media plane is back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,3 +216,30 @@ pub fn bind(config: &MediaConfig) -> std::io::Result<(StdUdpSocket, SocketAddr, 
     let local = socket.local_addr()?;
     Ok((socket, local, candidate_addr(local, config.public_ip)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filling_queue_turns_saturated_at_half_and_refuses_when_full() {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        // No media thread: nothing drains the queue.
+        let (handle, _rx) = MediaHandle::new(addr, addr, metrics);
+        let leave = || Command::Leave {
+            member: ConnectionId::new("c").expect("id"),
+        };
+        for _ in 0..QUEUE_CAPACITY / 2 {
+            assert!(handle.try_send(leave()));
+        }
+        assert!(!handle.saturated(), "half full is not yet saturated");
+        assert!(handle.try_send(leave()));
+        assert!(handle.saturated(), "joins are refused from here on");
+        while handle.queue_depth() < QUEUE_CAPACITY {
+            assert!(handle.try_send(leave()));
+        }
+        assert!(!handle.try_send(leave()), "a full queue refuses");
+        assert_eq!(handle.metrics.media_refused_commands.get(), 1);
+    }
+}
