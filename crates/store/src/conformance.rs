@@ -25,6 +25,7 @@ pub async fn run_all(store: &dyn Store, prefix: &str) {
     signing_keys(store, prefix).await;
     spaces(store, prefix).await;
     space_activity(store, prefix).await;
+    space_activity_batches(store, prefix).await;
 }
 
 async fn env(store: &dyn Store, prefix: &str, name: &str) -> Environment {
@@ -337,4 +338,44 @@ pub async fn space_activity(store: &dyn Store, prefix: &str) {
             .await
             .expect("missing")
     );
+}
+
+pub async fn space_activity_batches(store: &dyn Store, prefix: &str) {
+    let a = env(store, prefix, "batches").await;
+    let one = space(prefix, "batch-one", &a.id, 1);
+    let two = space(prefix, "batch-two", &a.id, 2);
+    store.insert_space(&one).await.expect("insert");
+    store.insert_space(&two).await.expect("insert");
+    let s1: SessionId = id(prefix, "batch-s1");
+    let s2: SessionId = id(prefix, "batch-s2");
+    let s3: SessionId = id(prefix, "batch-s3");
+    let missing: SpaceId = id(prefix, "batch-missing");
+    store
+        .record_space_activity(&[
+            (one.id.clone(), Some(s1.clone())),
+            // Already active: keeps its first session, as mark_space_active would.
+            (one.id.clone(), Some(s2.clone())),
+            (two.id.clone(), Some(s3.clone())),
+            (two.id.clone(), None),
+            (missing, Some(s1.clone())),
+        ])
+        .await
+        .expect("batch");
+    let got = |s: &SpaceRecord| (s.status, s.active_session_id.clone());
+    let one_now = store
+        .space(&a.id, &one.id)
+        .await
+        .expect("get")
+        .expect("one");
+    let two_now = store
+        .space(&a.id, &two.id)
+        .await
+        .expect("get")
+        .expect("two");
+    assert_eq!(got(&one_now), (SpaceStatus::Active, Some(s1)));
+    assert_eq!(got(&two_now), (SpaceStatus::Idle, None), "applied in order");
+    store
+        .record_space_activity(&[])
+        .await
+        .expect("an empty batch is fine");
 }

@@ -84,4 +84,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn mark_space_active(&self, id: &SpaceId, session: &SessionId) -> Result<bool>;
     /// active → idle, clearing the session id. `false` if missing or already idle.
     async fn mark_space_idle(&self, id: &SpaceId) -> Result<bool>;
+
+    /// Many transitions at once, each exactly as `mark_space_active` (`Some(session)`) or
+    /// `mark_space_idle` (`None`) would apply it, in order. A backend with transactions
+    /// applies them in one, so a burst of joins and leaves costs one durable commit, not
+    /// one per space. The default applies them one by one.
+    async fn record_space_activity(&self, changes: &[(SpaceId, Option<SessionId>)]) -> Result<()> {
+        for (id, session) in changes {
+            match session {
+                Some(session) => self.mark_space_active(id, session).await?,
+                None => self.mark_space_idle(id).await?,
+            };
+        }
+        Ok(())
+    }
 }

@@ -436,6 +436,27 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn record_space_activity(&self, changes: &[(SpaceId, Option<SessionId>)]) -> Result<()> {
+        // One transaction: with `synchronous=FULL` every commit is an fsync, and a join
+        // storm over many small spaces would otherwise pay one per join and one per leave.
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        for (id, session) in changes {
+            let q = match session {
+                Some(session) => sqlx::query(
+                    "UPDATE spaces SET status = 'active', active_session_id = ? WHERE id = ? AND status = 'idle'",
+                )
+                .bind(session.as_str())
+                .bind(id.as_str()),
+                None => sqlx::query(
+                    "UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE id = ? AND status = 'active'",
+                )
+                .bind(id.as_str()),
+            };
+            q.execute(&mut *tx).await.map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
     async fn mark_space_idle(&self, id: &SpaceId) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE id = ? AND status = 'active'",

@@ -2,13 +2,14 @@
 //!
 //! Only a space's latest state matters to the store, so transitions are coalesced per
 //! space: the queue holds at most one entry per space however slow the store is, and a
-//! burst of joins and leaves in one space costs one write. Each write runs in its own
-//! task, so a panicking store call is caught and reported, and the writer goes on.
+//! burst of joins and leaves in one space costs one write. Whatever is pending is written
+//! as one batch (one transaction, one fsync on SQLite). Each batch runs in its own task,
+//! so a panicking store call is caught and reported, and the writer goes on.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use spacegate_proto::{SessionId, SpaceId};
 use spacegate_store::Store;
@@ -16,6 +17,10 @@ use tokio::sync::mpsc;
 
 use super::lock;
 use crate::metrics::Metrics;
+
+/// How long the writer gathers transitions when they arrive in bursts. The REST status may
+/// lag the gateway by this much; deletes check the gateway itself.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
 
 #[derive(Debug)]
 pub(super) enum Activity {
@@ -61,37 +66,39 @@ async fn write_all(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
 ) {
+    let mut busy = false;
     while wake.recv().await.is_some() {
-        let Some(q) = queue.upgrade() else { return };
-        let batch: Vec<(SpaceId, Activity)> = lock(&q.pending).drain().collect();
-        for (space, a) in batch {
-            let store = store.clone();
-            let started = Instant::now();
-            let what = match a {
-                Activity::Active(_) => "active",
-                Activity::Idle => "idle",
-            };
-            let id = space.clone();
-            let write = tokio::spawn(async move {
-                match a {
-                    Activity::Active(session) => store.mark_space_active(&space, &session).await,
-                    Activity::Idle => store.mark_space_idle(&space).await,
-                }
-            });
-            let ok = match write.await {
-                // `false` means the space is gone: nothing left to record.
-                Ok(Ok(_)) => true,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, space = %id, activity = what, "could not record space activity");
-                    false
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, space = %id, activity = what, "recording space activity panicked");
-                    false
-                }
-            };
-            metrics.store_write(started.elapsed(), ok);
-            q.up.store(ok, Ordering::Relaxed);
+        if busy {
+            // The last batch was not alone: more are coming. Let them gather, so a join
+            // storm costs one commit per window rather than one per transition.
+            tokio::time::sleep(BATCH_WINDOW).await;
         }
+        let Some(q) = queue.upgrade() else { return };
+        let batch: Vec<(SpaceId, Option<SessionId>)> = lock(&q.pending)
+            .drain()
+            .map(|(space, a)| match a {
+                Activity::Active(session) => (space, Some(session)),
+                Activity::Idle => (space, None),
+            })
+            .collect();
+        busy = batch.len() > 1;
+        let started = Instant::now();
+        let spaces = batch.len();
+        let store = store.clone();
+        // Its own task: a panicking store call is reported, and the writer goes on.
+        let write = tokio::spawn(async move { store.record_space_activity(&batch).await });
+        let ok = match write.await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, spaces, "could not record space activity");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, spaces, "recording space activity panicked");
+                false
+            }
+        };
+        metrics.store_write(started.elapsed(), ok);
+        q.up.store(ok, Ordering::Relaxed);
     }
 }
