@@ -81,6 +81,13 @@ pub async fn run(
     let ready = state.ready.clone();
     let gateway = state.gateway.clone();
     let app = api::router(state);
+    use axum::serve::ListenerExt as _;
+    // No Nagle: WebSocket messages over 256 bytes go out as several small frames, and
+    // Nagle would hold each one back until the previous was acknowledged (with delayed
+    // ACKs, 40 ms apiece). Set per connection, whoever made the listener.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
