@@ -90,7 +90,12 @@ pub async fn upgrade(
         // Boxed: the admission future (token check, store lookups) is large and must
         // not stay part of every idle connection's task for its whole life.
         match Box::pin(admit(&state, params, &mut socket)).await {
-            Ok(admitted) => serve(state, admitted, socket, started).await,
+            // A task of its own: this one's state (the query, the upgrade, the boxed
+            // admission) would otherwise stay reserved in every joined connection's task
+            // for its whole life.
+            Ok(admitted) => {
+                tokio::spawn(serve(state, admitted, socket, started));
+            }
             Err(r) => {
                 state.gateway.metrics.join(r.outcome, started.elapsed());
                 Box::pin(refuse(socket, r.body)).await
