@@ -77,68 +77,114 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
     );
     let mut flood = FloodGuard::new(gw.config.inbound_per_second, gw.now_ms());
     let close_code = loop {
-        tokio::select! {
+        // Decide what to do without awaiting, then await in one place: a large temporary
+        // held across an await (a decoded message, a socket result) would be reserved in
+        // every idle connection's task.
+        let act = tokio::select! {
             next = outbox.next() => match next {
-                Next::Frame(frame) => {
-                    if Box::pin(send_text_timed(&mut socket, &frame)).await.is_err() {
-                        break None;
-                    }
-                }
-                Next::Close(code) => break Some(code),
+                Next::Frame(frame) => Act::Send(frame),
+                Next::Close(code) => Act::End(Some(code)),
             },
             incoming = socket.recv() => {
                 liveness.heard(gw.now_ms());
                 match incoming {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Act::End(None),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Act::Nothing,
+                    // Text or binary beyond the client's rate.
+                    Some(Ok(_)) if !flood.admit(gw.now_ms()) => Act::Flooded,
                     Some(Ok(Message::Binary(_))) => {
-                        if !flood.admit(gw.now_ms()) { break Some(Box::pin(flooded(&mut socket)).await); }
-                        let body = ErrorBody::request(RequestErrorType::Unknown, "binary frames are not supported; send JSON text frames", None);
-                        let _ = Box::pin(send_text_timed(&mut socket, &Envelope::new(ServerMessage::Error(body)).to_json())).await;
+                        Act::Reply(error_frame("binary frames are not supported; send JSON text frames".into()))
                     }
-                    Some(Ok(Message::Text(text))) => {
-                        if !flood.admit(gw.now_ms()) { break Some(Box::pin(flooded(&mut socket)).await); }
-                        match Envelope::<ClientMessage>::decode_client(&text) {
-                            Ok(envelope) => {
-                                let now = gw.now_ms();
-                                gw.with_space(&space, |s, out| s.handle(&conn, envelope, now, out));
-                            }
-                            Err(e) => {
-                                let body = ErrorBody::request(RequestErrorType::Unknown, e.to_string(), None);
-                                let _ = Box::pin(send_text_timed(&mut socket, &Envelope::new(ServerMessage::Error(body)).to_json())).await;
-                            }
+                    Some(Ok(Message::Text(text))) => match Envelope::<ClientMessage>::decode_client(&text) {
+                        Ok(envelope) => {
+                            let now = gw.now_ms();
+                            gw.with_space(&space, |s, out| s.handle(&conn, envelope, now, out));
+                            Act::Nothing
                         }
-                    }
+                        Err(e) => Act::Reply(error_frame(e.to_string())),
+                    },
                 }
             }
             () = tokio::time::sleep_until(gw.instant_at(liveness.next_wakeup())) => {
                 match liveness.poll(gw.now_ms()) {
                     LivenessAction::Evict => {
                         tracing::debug!(%conn, "evicting a silent connection");
-                        break None;
+                        Act::End(None)
                     }
-                    LivenessAction::Ping => {
-                        if Box::pin(send_timed(&mut socket, Message::Ping(Default::default()))).await.is_err() {
-                            break None;
-                        }
-                    }
-                    LivenessAction::Wait => {}
+                    LivenessAction::Ping => Act::Ping,
+                    LivenessAction::Wait => Act::Nothing,
                 }
             }
+        };
+        // Boxed, like every await that is not the idle wait: inline, each would grow every
+        // idle connection's task by its size.
+        let sent = match act {
+            Act::Nothing => Ok(()),
+            Act::Send(frame) => Box::pin(send_text_timed(&mut socket, &frame)).await,
+            // An error reply that cannot be written ends nothing by itself; the next read
+            // or write will.
+            Act::Reply(text) => {
+                let _ = Box::pin(send_text_timed(&mut socket, &text)).await;
+                Ok(())
+            }
+            Act::Ping => Box::pin(send_timed(&mut socket, Message::Ping(Default::default()))).await,
+            Act::Flooded => break Some(Box::pin(flooded(&mut socket)).await),
+            Act::End(code) => break code,
+        };
+        if sent.is_err() {
+            break None;
         }
     };
+    Box::pin(leave(
+        gw,
+        socket,
+        close_code,
+        space,
+        participant,
+        conn,
+        credential,
+    ))
+    .await;
+}
+
+/// What one turn of a connection's loop does.
+enum Act {
+    Nothing,
+    Send(std::sync::Arc<str>),
+    Reply(String),
+    Ping,
+    Flooded,
+    End(Option<u16>),
+}
+
+fn error_frame(message: String) -> String {
+    let body = ErrorBody::request(RequestErrorType::Unknown, message, None);
+    Envelope::new(ServerMessage::Error(body)).to_json()
+}
+
+/// The end of a connection: close (if it was ours to close), then out of the space, the
+/// media plane and the registry.
+async fn leave(
+    gw: std::sync::Arc<super::Gateway>,
+    mut socket: Ws,
+    close_code: Option<u16>,
+    space: spacegate_proto::SpaceId,
+    participant: spacegate_proto::ParticipantId,
+    conn: spacegate_proto::ConnectionId,
+    credential: String,
+) {
     if let Some(code) = close_code {
-        // Boxed, like the other cold paths: an await inline here would grow every idle
-        // connection's task by the size of this rarely-taken future.
-        Box::pin(close_gracefully(&mut socket, code)).await;
+        close_gracefully(&mut socket, code).await;
     }
+    drop(socket);
     lock(&gw.conns).remove(&conn);
     gw.record_departure(&space, &participant, credential);
     gw.with_space(&space, |s, out| s.leave(&conn, out));
-    Box::pin(gw.media.send(crate::media::Command::Leave {
-        member: conn.clone(),
-    }))
-    .await;
+    gw.media
+        .send(crate::media::Command::Leave {
+            member: conn.clone(),
+        })
+        .await;
     if let Err(e) = gw.registry.release(&space, &participant, &conn).await {
         tracing::error!(error = %e, "registry release failed");
     }
