@@ -97,7 +97,9 @@ async fn metrics_follow_joins_refusals_and_leaves() {
         let settled = sample(&after, "spacegate_connected_participants") == 0.0
             && sample(&after, "spacegate_live_spaces") == 0.0
             && sample(&after, "spacegate_sfu_members") == 0.0
-            && sample(&after, "spacegate_store_write_seconds_count") >= 2.0;
+            // At least one batch: the join's activation and the leave's idling may share
+            // one when they fall in the same gathering window.
+            && sample(&after, "spacegate_store_write_seconds_count") >= 1.0;
         if settled {
             assert_eq!(sample(&after, "spacegate_store_write_errors_total"), 0.0);
             break;
