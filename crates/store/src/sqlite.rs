@@ -11,6 +11,12 @@ use sqlx::sqlite::{
 };
 
 use crate::model::*;
+
+/// idle → active with a session id; a no-op for a space already active (or missing).
+const MARK_ACTIVE: &str =
+    "UPDATE spaces SET status = 'active', active_session_id = ? WHERE id = ? AND status = 'idle'";
+/// active → idle; a no-op for a space already idle (or missing).
+const MARK_IDLE: &str = "UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE id = ? AND status = 'active'";
 use crate::{Result, Store, StoreError};
 
 /// Schema migrations, applied in order inside one transaction each. Append only: a shipped
@@ -425,14 +431,12 @@ impl Store for SqliteStore {
     }
 
     async fn mark_space_active(&self, id: &SpaceId, session: &SessionId) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE spaces SET status = 'active', active_session_id = ? WHERE id = ? AND status = 'idle'",
-        )
-        .bind(session.as_str())
-        .bind(id.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(backend)?;
+        let done = sqlx::query(MARK_ACTIVE)
+            .bind(session.as_str())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -442,15 +446,10 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(backend)?;
         for (id, session) in changes {
             let q = match session {
-                Some(session) => sqlx::query(
-                    "UPDATE spaces SET status = 'active', active_session_id = ? WHERE id = ? AND status = 'idle'",
-                )
-                .bind(session.as_str())
-                .bind(id.as_str()),
-                None => sqlx::query(
-                    "UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE id = ? AND status = 'active'",
-                )
-                .bind(id.as_str()),
+                Some(session) => sqlx::query(MARK_ACTIVE)
+                    .bind(session.as_str())
+                    .bind(id.as_str()),
+                None => sqlx::query(MARK_IDLE).bind(id.as_str()),
             };
             q.execute(&mut *tx).await.map_err(backend)?;
         }
@@ -458,13 +457,11 @@ impl Store for SqliteStore {
     }
 
     async fn mark_space_idle(&self, id: &SpaceId) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE id = ? AND status = 'active'",
-        )
-        .bind(id.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(backend)?;
+        let done = sqlx::query(MARK_IDLE)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(done.rows_affected() > 0)
     }
 }

@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 /// deletes check the gateway itself.
 const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
+/// Pause before writing again after a failed write.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 pub(super) enum Activity {
     Active(SessionId),
@@ -35,7 +38,8 @@ pub(super) struct ActivityQueue {
     pending: Mutex<HashMap<SpaceId, Activity>>,
     /// Holds at most one wakeup: the writer takes everything pending when it wakes.
     wake: mpsc::Sender<()>,
-    /// False after a write failed, until one succeeds: `/readyz` reports it.
+    /// False after a write failed, until one succeeds (failed batches are retried every
+    /// second): `/readyz` reports it.
     up: AtomicBool,
 }
 
@@ -83,11 +87,26 @@ async fn write_all(
         let spaces = batch.len();
         let store = store.clone();
         // Its own task: a panicking store call is reported, and the writer goes on.
-        let write = tokio::spawn(async move { store.record_space_activity(&batch).await });
+        let write = tokio::spawn(async move {
+            let result = store.record_space_activity(&batch).await;
+            (result, batch)
+        });
         let ok = match write.await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, spaces, "could not record space activity");
+            Ok((Ok(()), _)) => true,
+            Ok((Err(e), batch)) => {
+                tracing::error!(error = %e, spaces, "could not record space activity; retrying");
+                // Back in the queue unless a newer transition of the same space is there
+                // already, and tried again after a pause: the store's status must catch up
+                // once it recovers, and /readyz must not stay failed for want of traffic.
+                let mut pending = lock(&q.pending);
+                for (space, session) in batch {
+                    pending.entry(space).or_insert(match session {
+                        Some(s) => Activity::Active(s),
+                        None => Activity::Idle,
+                    });
+                }
+                drop(pending);
+                let _ = q.wake.try_send(());
                 false
             }
             Err(e) => {
@@ -97,5 +116,9 @@ async fn write_all(
         };
         metrics.store_write(started.elapsed(), ok);
         q.up.store(ok, Ordering::Relaxed);
+        drop(q);
+        if !ok {
+            tokio::time::sleep(RETRY_AFTER).await;
+        }
     }
 }

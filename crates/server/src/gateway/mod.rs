@@ -25,7 +25,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spacegate_proto::signaling::ClientMessage;
 use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
 use spacegate_session::Registry;
 use spacegate_signaling::SpaceConfig;
@@ -230,21 +229,5 @@ impl MediaEvents for Gateway {
                 }
             }
         }
-    }
-}
-
-/// The message's name, for logs that must not print its content (SDPs hold ICE passwords).
-pub(crate) fn message_kind(m: &ClientMessage) -> &'static str {
-    match m {
-        ClientMessage::Offer(_) => "offer",
-        ClientMessage::SubAnswer(_) => "sub_answer",
-        ClientMessage::Candidate(_) => "candidate",
-        ClientMessage::PendingTrack(_) => "pending_track",
-        ClientMessage::MuteTrack(_) => "mute_track",
-        ClientMessage::UnmuteTrack(_) => "unmute_track",
-        ClientMessage::SubscribeTracks(_) => "subscribe_tracks",
-        ClientMessage::UnsubscribeTracks(_) => "unsubscribe_tracks",
-        ClientMessage::SetDisplayName(_) => "set_display_name",
-        ClientMessage::CustomEvent(_) => "custom_event",
     }
 }

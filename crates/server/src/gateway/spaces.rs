@@ -9,7 +9,8 @@ use spacegate_proto::SpaceId;
 use spacegate_signaling::{Output, Space};
 
 use super::activity::Activity;
-use super::{CLOSE_NO_RECONNECT, CLOSE_RESTART, Gateway, lock, message_kind};
+use super::{CLOSE_NO_RECONNECT, CLOSE_RESTART, Gateway, lock};
+use crate::media::message_kind;
 
 pub(super) struct Slot {
     space: Mutex<Space>,

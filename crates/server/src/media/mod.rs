@@ -190,6 +190,22 @@ impl MediaHandle {
     }
 }
 
+/// The message's name, for logs that must not print its content (SDPs hold ICE passwords).
+pub(crate) fn message_kind(m: &ClientMessage) -> &'static str {
+    match m {
+        ClientMessage::Offer(_) => "offer",
+        ClientMessage::SubAnswer(_) => "sub_answer",
+        ClientMessage::Candidate(_) => "candidate",
+        ClientMessage::PendingTrack(_) => "pending_track",
+        ClientMessage::MuteTrack(_) => "mute_track",
+        ClientMessage::UnmuteTrack(_) => "unmute_track",
+        ClientMessage::SubscribeTracks(_) => "subscribe_tracks",
+        ClientMessage::UnsubscribeTracks(_) => "unsubscribe_tracks",
+        ClientMessage::SetDisplayName(_) => "set_display_name",
+        ClientMessage::CustomEvent(_) => "custom_event",
+    }
+}
+
 /// The address to advertise for a socket bound to `local`.
 fn candidate_addr(local: SocketAddr, public_ip: Option<IpAddr>) -> SocketAddr {
     if let Some(ip) = public_ip {

@@ -37,7 +37,7 @@ pub(super) fn command(sfu: &mut Sfu, sink: &dyn MediaEvents, c: Command) {
         }
         Command::Crash => panic!("media plane crash requested"),
         Command::Message { member, message } => {
-            tracing::trace!(%member, kind = crate::gateway::message_kind(&message), "media message");
+            tracing::trace!(%member, kind = super::message_kind(&message), "media message");
             if let Some(frame) = message_in(sfu, &member, message, now) {
                 tracing::trace!(%member, len = frame.len(), "media reply");
                 sink.media_event(MediaEvent::Frame { to: member, frame });
