@@ -25,6 +25,9 @@ pub fn spawn(
     events: Weak<dyn MediaEvents>,
 ) -> std::io::Result<()> {
     let (up, stats, candidate) = (handle.up.clone(), handle.metrics.clone(), handle.candidate);
+    // Up from the moment it is started, not from when the thread first runs: `/readyz`
+    // right after start must not see a plane that is merely still being scheduled.
+    up.store(true, Ordering::Relaxed);
     std::thread::Builder::new()
         .name("spacegate-media".into())
         .spawn(move || supervise(socket, candidate, rx, events, up, stats))?;
@@ -50,6 +53,7 @@ fn supervise(
             (Ok(r), Ok(s)) => (r, s),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(error = %e, "media thread cannot start; media disabled");
+                up.store(false, Ordering::Relaxed);
                 return;
             }
         };
