@@ -374,6 +374,27 @@ pub async fn space_activity_batches(store: &dyn Store, prefix: &str) {
         .expect("two");
     assert_eq!(got(&one_now), (SpaceStatus::Active, Some(s1)));
     assert_eq!(got(&two_now), (SpaceStatus::Idle, None), "applied in order");
+    // Idle and active again within one batch is a new session; of two activations of an
+    // idle space, the first wins.
+    let s4: SessionId = id(prefix, "batch-s4");
+    let s5: SessionId = id(prefix, "batch-s5");
+    let s6: SessionId = id(prefix, "batch-s6");
+    store
+        .record_space_activity(&[
+            (one.id.clone(), None),
+            (two.id.clone(), Some(s5.clone())),
+            (one.id.clone(), Some(s4.clone())),
+            (two.id.clone(), Some(s6)),
+        ])
+        .await
+        .expect("second batch");
+    let now = |space: &SpaceRecord| {
+        let store = store;
+        let (env, id) = (a.id.clone(), space.id.clone());
+        async move { store.space(&env, &id).await.expect("get").expect("exists") }
+    };
+    assert_eq!(got(&now(&one).await), (SpaceStatus::Active, Some(s4)));
+    assert_eq!(got(&now(&two).await), (SpaceStatus::Active, Some(s5)));
     store
         .record_space_activity(&[])
         .await

@@ -17,6 +17,13 @@ const MARK_ACTIVE: &str =
     "UPDATE spaces SET status = 'active', active_session_id = ? WHERE id = ? AND status = 'idle'";
 /// active → idle; a no-op for a space already idle (or missing).
 const MARK_IDLE: &str = "UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE id = ? AND status = 'active'";
+/// [`MARK_ACTIVE`] for many spaces at once: the parameter is a JSON object of space id →
+/// session id.
+const MARK_ACTIVE_MANY: &str = "UPDATE spaces SET status = 'active', active_session_id = j.value \
+     FROM json_each(?) AS j WHERE j.key = spaces.id AND spaces.status = 'idle'";
+/// [`MARK_IDLE`] for many spaces at once: the parameter is a JSON array of space ids.
+const MARK_IDLE_MANY: &str = "UPDATE spaces SET status = 'idle', active_session_id = NULL \
+     WHERE status = 'active' AND id IN (SELECT value FROM json_each(?))";
 use crate::{Result, Store, StoreError};
 
 /// Schema migrations, applied in order inside one transaction each. Append only: a shipped
@@ -441,17 +448,53 @@ impl Store for SqliteStore {
     }
 
     async fn record_space_activity(&self, changes: &[(SpaceId, Option<SessionId>)]) -> Result<()> {
-        // One transaction: with `synchronous=FULL` every commit is an fsync, and a join
-        // storm over many small spaces would otherwise pay one per join and one per leave.
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        // One transaction of two set-based statements, whatever the batch size: with
+        // `synchronous=FULL` every commit is an fsync, and each statement is a round trip
+        // to sqlx's worker thread (a wakeup and a context switch), so one statement per
+        // space cost a join storm over small spaces ~10 % of its CPU.
+        //
+        // The changes apply in order, so each space's sequence is folded first: the idle
+        // statement runs before the active one, so a space that goes idle and active again
+        // in one batch gets the new session; a later `Active` of a space already active
+        // changes nothing.
+        let mut last: std::collections::HashMap<&str, (bool, Option<&SessionId>)> =
+            std::collections::HashMap::new();
         for (id, session) in changes {
-            let q = match session {
-                Some(session) => sqlx::query(MARK_ACTIVE)
-                    .bind(session.as_str())
-                    .bind(id.as_str()),
-                None => sqlx::query(MARK_IDLE).bind(id.as_str()),
-            };
-            q.execute(&mut *tx).await.map_err(backend)?;
+            let (idles, first_active) = last.entry(id.as_str()).or_default();
+            match session {
+                None => {
+                    *idles = true;
+                    *first_active = None;
+                }
+                Some(s) => {
+                    first_active.get_or_insert(s);
+                }
+            }
+        }
+        let mut active = serde_json::Map::new();
+        let mut idle = Vec::new();
+        for (id, (idles, first_active)) in last {
+            if idles {
+                idle.push(serde_json::Value::from(id));
+            }
+            if let Some(s) = first_active {
+                active.insert(id.to_owned(), s.as_str().into());
+            }
+        }
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        if !idle.is_empty() {
+            sqlx::query(MARK_IDLE_MANY)
+                .bind(serde_json::Value::Array(idle).to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        if !active.is_empty() {
+            sqlx::query(MARK_ACTIVE_MANY)
+                .bind(serde_json::Value::Object(active).to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
         }
         tx.commit().await.map_err(backend)
     }
