@@ -56,10 +56,9 @@ pub enum JoinStage {
     Verify,
     /// The registry's atomic claim.
     Registry,
-    /// The space's state machine: `joined` built, others told.
+    /// The space's state machine: `joined` built, others told (and the media plane, if
+    /// the space has media).
     Space,
-    /// Handing the member to the media plane.
-    Media,
 }
 
 impl JoinStage {
@@ -68,7 +67,6 @@ impl JoinStage {
             JoinStage::Verify => "verify",
             JoinStage::Registry => "registry",
             JoinStage::Space => "space",
-            JoinStage::Media => "media",
         }
     }
 }

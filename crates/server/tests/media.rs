@@ -138,6 +138,7 @@ async fn a_publishers_audio_and_video_reach_two_subscribers_intact() {
     assert!(metric(&metrics, "spacegate_forwarded_bytes_total") > 0.0);
     assert_eq!(metric(&metrics, "spacegate_sfu_members"), 3.0);
     assert!(metric(&metrics, "spacegate_sfu_peer_connections") >= 3.0);
+    assert!(metric(&metrics, "spacegate_media_queue_wait_seconds_count") >= 3.0);
 }
 
 /// The value of an unlabelled sample in a metrics text.

@@ -62,6 +62,18 @@ pub enum Output {
         from: ConnectionId,
         message: ClientMessage,
     },
+    /// `member` enters the media plane (its room has media). Members of a space where
+    /// nobody ever sent a media message are never handed to the media plane, so a node
+    /// full of signaling-only participants costs the media plane nothing.
+    MediaJoin {
+        member: ConnectionId,
+        /// `managed_subscriptions` of the join: 0 manual, 1–20 automatic.
+        managed_subscriptions: u8,
+        /// The client already answered the subscriber offer of its `joined`.
+        answered_initial_offer: bool,
+    },
+    /// `member`, which had entered the media plane, left.
+    MediaLeave { member: ConnectionId },
 }
 
 #[derive(Debug)]
@@ -77,9 +89,21 @@ struct Member {
     pending: Vec<(String, Track)>,
     custom_events: TokenBucket,
     last_name_change_ms: Option<u64>,
+    managed_subscriptions: u8,
+    /// Answered the subscriber offer of its `joined` while the space had no media (the
+    /// media plane is told when the space gets media).
+    answered_initial_offer: bool,
 }
 
 impl Member {
+    fn media_join(&self) -> Output {
+        Output::MediaJoin {
+            member: self.connection_id.clone(),
+            managed_subscriptions: self.managed_subscriptions,
+            answered_initial_offer: self.answered_initial_offer,
+        }
+    }
+
     fn participant(&self) -> Participant {
         Participant {
             connection_id: self.connection_id.to_string(),
@@ -101,19 +125,22 @@ pub struct Space {
     /// In join order, which is the order `joined.participants` lists them.
     members: Vec<Member>,
     next_sequence: u64,
+    /// Whether the members are in the media plane: from the first media message of any
+    /// member until the space empties.
+    media: bool,
+    /// `sfu_id` of the subscriber offer in `joined` (the same for every joiner).
+    initial_sfu_id: Option<String>,
 }
 
 /// A mute change, passed on to the media plane.
-fn mute_for_media(from: ConnectionId, tid: &str, muted: bool) -> Output {
+fn mute_for_media(from: ConnectionId, tid: &str, muted: bool) -> (ConnectionId, ClientMessage) {
     let tid = tid.to_string();
-    Output::Media {
-        from,
-        message: if muted {
-            ClientMessage::MuteTrack(tid)
-        } else {
-            ClientMessage::UnmuteTrack(tid)
-        },
-    }
+    let message = if muted {
+        ClientMessage::MuteTrack(tid)
+    } else {
+        ClientMessage::UnmuteTrack(tid)
+    };
+    (from, message)
 }
 
 fn frame(message: ServerMessage, request_id: Option<String>) -> Arc<str> {
@@ -130,6 +157,8 @@ impl Space {
             session_id: None,
             members: Vec::new(),
             next_sequence: 1,
+            media: false,
+            initial_sfu_id: None,
         }
     }
 
@@ -145,6 +174,27 @@ impl Space {
         self.members
             .iter()
             .position(|m| &m.connection_id == connection)
+    }
+
+    /// Whether the members are in the media plane (see [`Output::MediaJoin`]).
+    pub fn has_media(&self) -> bool {
+        self.media
+    }
+
+    /// A message for the media plane. The space's first one puts every member into the
+    /// media plane first, in join order, so the media plane sees membership in the order
+    /// it happened.
+    fn send_to_media(&mut self, from: &ConnectionId, message: ClientMessage, out: &mut Vec<Output>) {
+        if !self.media {
+            self.media = true;
+            for m in &self.members {
+                out.push(m.media_join());
+            }
+        }
+        out.push(Output::Media {
+            from: from.clone(),
+            message,
+        });
     }
 
     fn to_others(&self, author: &ConnectionId, f: &Arc<str>, out: &mut Vec<Output>) {
@@ -221,7 +271,12 @@ impl Space {
                 now_ms,
             ),
             last_name_change_ms: None,
+            managed_subscriptions: joiner.managed_subscriptions,
+            answered_initial_offer: false,
         };
+        if self.initial_sfu_id.is_none() {
+            self.initial_sfu_id = joiner.sub_sfus.first().map(|d| d.sfu_id.clone());
+        }
         let joined = Joined {
             session_id,
             connection_id: joiner.connection_id.to_string(),
@@ -246,6 +301,10 @@ impl Space {
             None,
         );
         self.to_others(&joiner.connection_id, &announce, out);
+        // After `joined`: the media plane may offer tracks only to a client that knows them.
+        if self.media {
+            out.push(member.media_join());
+        }
         self.members.push(member);
     }
 
@@ -263,8 +322,14 @@ impl Space {
             None,
         );
         self.to_others(&gone.connection_id, &f, out);
+        if self.media {
+            out.push(Output::MediaLeave {
+                member: gone.connection_id,
+            });
+        }
         if self.members.is_empty() {
             self.session_id = None;
+            self.media = false;
             out.push(Output::Idle);
         }
     }
@@ -300,10 +365,18 @@ impl Space {
                     out,
                 );
             }
-            message => out.push(Output::Media {
-                from: from.clone(),
-                message,
-            }),
+            // The answer to the offer in `joined`, while nothing in the space has media:
+            // noted, not passed on. The media plane would only record it (that offer has
+            // no m-lines), and a real SDK sends one with every join, which would otherwise
+            // put every space into the media plane.
+            ClientMessage::SubAnswer(d)
+                if !self.media
+                    && !self.members[i].answered_initial_offer
+                    && self.initial_sfu_id.as_deref() == Some(d.sfu_id.as_str()) =>
+            {
+                self.members[i].answered_initial_offer = true;
+            }
+            message => self.send_to_media(from, message, out),
         }
     }
 
@@ -428,8 +501,8 @@ impl Space {
             // Muted while still negotiating: remembered for when the track is published,
             // by us and by the media plane's ranking.
             pending.muted = muted;
-            out.push(mute_for_media(author, tid, muted));
-            return;
+            let (from, message) = mute_for_media(author, tid, muted);
+            return self.send_to_media(&from, message, out);
         }
         let Some(track) = m.tracks.iter_mut().find(|t| t.tid == tid) else {
             return Self::request_error(
@@ -458,7 +531,8 @@ impl Space {
         };
         self.to_others(&author, &frame(message, None), out);
         // The media plane ranks unmuted publishers first in automatic subscriptions.
-        out.push(mute_for_media(author, tid, muted));
+        let (from, message) = mute_for_media(author, tid, muted);
+        self.send_to_media(&from, message, out);
     }
 
     /// The media plane's speaker list, to everyone (the SDK also accepts its own
@@ -555,19 +629,17 @@ impl Space {
         m.pending
             .retain(|(mid, t)| mid != &p.mid && t.tid != track.tid);
         m.pending.push((p.mid.clone(), track.clone()));
-        out.push(Output::Media {
-            from: author,
-            message: ClientMessage::PendingTrack(PendingTrack {
-                tid: track.tid,
-                kind: track.kind,
-                name: track.name,
-                muted: track.muted,
-                source: track.source,
-                height: track.height,
-                width: track.width,
-                mid: p.mid,
-            }),
+        let message = ClientMessage::PendingTrack(PendingTrack {
+            tid: track.tid,
+            kind: track.kind,
+            name: track.name,
+            muted: track.muted,
+            source: track.source,
+            height: track.height,
+            width: track.width,
+            mid: p.mid,
         });
+        self.send_to_media(&author, message, out);
     }
 
     /// The media plane's report that a pending track is flowing: it becomes published and

@@ -379,12 +379,17 @@ fn tracks_publish_mute_and_unpublish() {
     assert!(out.to("cb").is_empty());
 
     let out = run(|o| s.handle(&conn("ca"), pending("cam1", "0", "camera"), 0, o));
+    // The space's first media message: both members enter the media plane first.
     assert!(matches!(
         &out.other[..],
-        [Output::Media {
-            message: ClientMessage::PendingTrack(_),
-            ..
-        }]
+        [
+            Output::MediaJoin { .. },
+            Output::MediaJoin { .. },
+            Output::Media {
+                message: ClientMessage::PendingTrack(_),
+                ..
+            }
+        ]
     ));
     assert!(
         out.frames.is_empty(),
@@ -483,10 +488,17 @@ fn media_messages_go_to_the_media_plane_and_strangers_are_ignored() {
     });
     assert_eq!(
         out.other,
-        vec![Output::Media {
-            from: conn("ca"),
-            message: ClientMessage::Offer("v=0".into())
-        }]
+        vec![
+            Output::MediaJoin {
+                member: conn("ca"),
+                managed_subscriptions: 16,
+                answered_initial_offer: false,
+            },
+            Output::Media {
+                from: conn("ca"),
+                message: ClientMessage::Offer("v=0".into())
+            }
+        ]
     );
     let out = run(|o| {
         s.handle(
@@ -540,4 +552,105 @@ fn flood_guard_admits_a_burst_then_the_rate() {
     );
     assert!(!g.admit(19));
     assert!(g.admit(20), "one frame per 20 ms at 50/s");
+}
+
+fn sub_answer(sfu_id: &str) -> Envelope<ClientMessage> {
+    msg(
+        ClientMessage::SubAnswer(SfuDescription {
+            sfu_id: sfu_id.into(),
+            sdp: "v=0\r\n".into(),
+        }),
+        None,
+    )
+}
+
+fn media_membership(out: &Out) -> Vec<String> {
+    out.other
+        .iter()
+        .filter_map(|o| match o {
+            Output::MediaJoin {
+                member,
+                managed_subscriptions,
+                answered_initial_offer,
+            } => Some(format!(
+                "join {member} {managed_subscriptions} {answered_initial_offer}"
+            )),
+            Output::MediaLeave { member } => Some(format!("leave {member}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn members_enter_the_media_plane_only_once_their_space_has_media() {
+    let mut s = space();
+    // Signaling only: nothing for the media plane, whether joining, answering the offer
+    // of `joined`, or leaving.
+    let out = run(|o| s.join(joiner("ca", "alice", Role::Publisher), session("s1"), 0, o));
+    assert!(media_membership(&out).is_empty());
+    let mut quiet = joiner("cb", "bob", Role::Subscriber);
+    quiet.managed_subscriptions = 0;
+    run(|o| s.join(quiet, session("s1"), 0, o));
+    run(|o| s.join(joiner("cc", "carol", Role::Publisher), session("s1"), 0, o));
+    let out = run(|o| s.handle(&conn("ca"), sub_answer("sfu-0"), 0, o));
+    assert!(out.other.is_empty() && out.frames.is_empty(), "absorbed");
+    let out = run(|o| s.leave(&conn("cc"), o));
+    assert!(media_membership(&out).is_empty());
+    assert!(!s.has_media());
+
+    // The first media message puts everyone in, in join order, with what each already
+    // did, before the message itself.
+    let out = run(|o| s.handle(&conn("ca"), pending("cam1", "0", "camera"), 0, o));
+    assert_eq!(
+        media_membership(&out),
+        ["join ca 16 true", "join cb 0 false"]
+    );
+    assert!(matches!(out.other.last(), Some(Output::Media { from, .. }) if from == &conn("ca")));
+    assert!(s.has_media());
+    // From now on joins and leaves go to the media plane, after the frames they cause;
+    // an answer is passed on as it is.
+    let out = run(|o| s.join(joiner("cd", "dave", Role::Publisher), session("s1"), 0, o));
+    assert_eq!(media_membership(&out), ["join cd 16 false"]);
+    assert!(matches!(out.other.last(), Some(Output::MediaJoin { .. })));
+    let out = run(|o| s.handle(&conn("cd"), sub_answer("sfu-0"), 0, o));
+    assert!(matches!(
+        &out.other[..],
+        [Output::Media {
+            message: ClientMessage::SubAnswer(_),
+            ..
+        }]
+    ));
+    let out = run(|o| s.leave(&conn("ca"), o));
+    assert_eq!(media_membership(&out), ["leave ca"]);
+
+    // Once the space empties it starts over without media.
+    run(|o| s.leave(&conn("cb"), o));
+    run(|o| s.leave(&conn("cd"), o));
+    assert!(s.is_empty() && !s.has_media());
+    let out = run(|o| s.join(joiner("ce", "erin", Role::Publisher), session("s2"), 0, o));
+    assert!(media_membership(&out).is_empty());
+}
+
+#[test]
+fn only_the_first_answer_to_the_joined_offer_is_absorbed() {
+    let mut s = space();
+    run(|o| s.join(joiner("ca", "alice", Role::Publisher), session("s1"), 0, o));
+    // An answer for another sfu_id is the media plane's to refuse.
+    let out = run(|o| s.handle(&conn("ca"), sub_answer("sfu-9"), 0, o));
+    assert_eq!(media_membership(&out), ["join ca 16 false"]);
+    assert!(matches!(out.other.last(), Some(Output::Media { .. })));
+
+    let mut s = space();
+    run(|o| s.join(joiner("ca", "alice", Role::Publisher), session("s1"), 0, o));
+    run(|o| s.handle(&conn("ca"), sub_answer("sfu-0"), 0, o));
+    // A second answer has no offer to go with: the media plane says so.
+    let out = run(|o| s.handle(&conn("ca"), sub_answer("sfu-0"), 0, o));
+    assert_eq!(media_membership(&out), ["join ca 16 true"]);
+    assert!(matches!(
+        out.other.last(),
+        Some(Output::Media {
+            message: ClientMessage::SubAnswer(_),
+            ..
+        })
+    ));
 }

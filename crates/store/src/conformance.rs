@@ -389,7 +389,6 @@ pub async fn space_activity_batches(store: &dyn Store, prefix: &str) {
         .await
         .expect("second batch");
     let now = |space: &SpaceRecord| {
-        let store = store;
         let (env, id) = (a.id.clone(), space.id.clone());
         async move { store.space(&env, &id).await.expect("get").expect("exists") }
     };

@@ -70,18 +70,24 @@ pub struct JoinParams {
     display_name: Option<String>,
 }
 
-pub async fn upgrade(
-    State(state): State<AppState>,
-    params: Result<Query<JoinParams>, axum::extract::rejection::QueryRejection>,
-    mut request: axum::extract::Request,
-) -> Response {
+/// The router's handler for `/v1`; [`crate::run`] calls [`upgrade_request`] directly.
+pub async fn upgrade(State(state): State<AppState>, request: axum::extract::Request) -> Response {
+    upgrade_request(state, request)
+}
+
+/// Answers a join's HTTP request: 101 and the join on its own task, or the HTTP error of a
+/// request that is not a WebSocket upgrade.
+pub fn upgrade_request(state: AppState, mut request: axum::extract::Request) -> Response {
     // A malformed query still upgrades, and the missing token is refused in-protocol.
-    let params = params.map(|Query(p)| p).unwrap_or_default();
+    let params = Query::<JoinParams>::try_from_uri(request.uri())
+        .map(|Query(p)| p)
+        .unwrap_or_default();
     let response = match super::ws::handshake(request.method(), request.headers()) {
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
+    drop(request);
     tokio::spawn(async move {
         let started = Instant::now();
         let Some(mut socket) = Box::pin(Ws::from_upgrade(on_upgrade, MAX_FRAME_BYTES)).await else {
@@ -350,13 +356,10 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     if let Some(old) = &reservation.replaced {
         // The stale connection of a reconnecting participant: out of the space now, and
         // its socket told to go (with 4000, so a ghost that is still alive stays away).
+        // Its media goes with it (the space tells the media plane), before the newcomer
+        // re-publishes the same tids: the ghost's own leave only comes after its socket's
+        // close handshake (seconds).
         gw.with_space(&claims.space_id, |space, out| space.leave(old, out));
-        // Its media goes now too, before the newcomer re-publishes the same tids: the
-        // ghost's own leave only comes after its socket's close handshake (seconds).
-        Box::pin(gw.media.send(crate::media::Command::Leave {
-            member: old.clone(),
-        }))
-        .await;
         if let Some(c) = lock(&gw.conns).get(old) {
             c.close(CLOSE_NO_RECONNECT);
         }

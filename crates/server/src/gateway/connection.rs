@@ -49,24 +49,10 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
     let session = SessionId::new(random_base62(24))
         .unwrap_or_else(|_| SessionId::new("session").expect("valid"));
     let now = gw.now_ms();
-    let mode = match joiner.managed_subscriptions {
-        0 => spacegate_sfu::SubscriptionMode::Manual,
-        n => spacegate_sfu::SubscriptionMode::Automatic(n),
-    };
     let stage = Instant::now();
+    // Also hands the member to the media plane, if its space has media.
     gw.with_space(&space, |s, out| s.join(joiner, session, now, out));
     gw.metrics.join_stage(JoinStage::Space, stage.elapsed());
-    // After the join: the media plane may offer tracks only to a client that knows them.
-    let stage = Instant::now();
-    // Boxed, like every await that is not the idle wait: inline, each would grow every
-    // idle connection's task by its size.
-    Box::pin(gw.media.send(crate::media::Command::Join {
-        room: space.clone(),
-        member: conn.clone(),
-        mode,
-    }))
-    .await;
-    gw.metrics.join_stage(JoinStage::Media, stage.elapsed());
     gw.metrics.join(JoinOutcome::Joined, started.elapsed());
 
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -162,8 +148,8 @@ fn error_frame(message: String) -> String {
     Envelope::new(ServerMessage::Error(body)).to_json()
 }
 
-/// The end of a connection: close (if it was ours to close), then out of the space, the
-/// media plane and the registry.
+/// The end of a connection: close (if it was ours to close), then out of the space (and
+/// with it the media plane) and the registry.
 async fn leave(
     gw: std::sync::Arc<super::Gateway>,
     mut socket: Ws,
@@ -179,12 +165,8 @@ async fn leave(
     drop(socket);
     lock(&gw.conns).remove(&conn);
     gw.record_departure(&space, &participant, credential);
+    // Also takes the member out of the media plane, if it was there.
     gw.with_space(&space, |s, out| s.leave(&conn, out));
-    gw.media
-        .send(crate::media::Command::Leave {
-            member: conn.clone(),
-        })
-        .await;
     if let Err(e) = gw.registry.release(&space, &participant, &conn).await {
         tracing::error!(error = %e, "registry release failed");
     }

@@ -31,7 +31,7 @@ use spacegate_signaling::SpaceConfig;
 
 use crate::media::{MediaEvent, MediaEvents};
 
-pub use admission::{JoinParams, upgrade};
+pub use admission::{JoinParams, upgrade, upgrade_request};
 
 /// Close code that tells the SDK not to reconnect.
 pub const CLOSE_NO_RECONNECT: u16 = 4000;
@@ -205,7 +205,7 @@ impl Gateway {
     /// Makes the media plane panic, to exercise its supervisor. Tests only.
     #[doc(hidden)]
     pub async fn crash_media_plane_for_tests(&self) {
-        self.media.send(crate::media::Command::Crash).await;
+        self.media.send(crate::media::Command::Crash);
     }
 }
 

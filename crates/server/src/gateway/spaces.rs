@@ -95,6 +95,22 @@ impl Gateway {
                     self.activity.push(space, Activity::Active(session_id));
                 }
                 Output::Idle => self.activity.push(space, Activity::Idle),
+                Output::MediaJoin {
+                    member,
+                    managed_subscriptions,
+                    answered_initial_offer,
+                } => self.media.send(crate::media::Command::Join {
+                    room: space.clone(),
+                    member,
+                    mode: match managed_subscriptions {
+                        0 => spacegate_sfu::SubscriptionMode::Manual,
+                        n => spacegate_sfu::SubscriptionMode::Automatic(n),
+                    },
+                    answered_initial_offer,
+                }),
+                Output::MediaLeave { member } => {
+                    self.media.send(crate::media::Command::Leave { member })
+                }
                 Output::Media { from, message } => {
                     tracing::trace!(%from, kind = message_kind(&message), "to the media plane");
                     let command = crate::media::Command::Message {

@@ -9,9 +9,8 @@ use std::time::Instant;
 use spacegate_proto::ConnectionId;
 use spacegate_sfu::{Sfu, SfuConfig};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
-use super::{MediaEvent, MediaEvents, MediaHandle, Queued, translate};
+use super::{MediaEvent, MediaEvents, MediaHandle, Receiver, translate};
 use crate::metrics::Metrics;
 
 /// Commands taken per wakeup before datagrams and timers get their turn again.
@@ -21,7 +20,7 @@ const COMMAND_BATCH: usize = 64;
 pub fn spawn(
     socket: StdUdpSocket,
     handle: &MediaHandle,
-    rx: mpsc::Receiver<Queued>,
+    rx: Receiver,
     events: Weak<dyn MediaEvents>,
 ) -> std::io::Result<()> {
     let (up, stats, candidate) = (handle.up.clone(), handle.metrics.clone(), handle.candidate);
@@ -37,7 +36,7 @@ pub fn spawn(
 fn supervise(
     socket: StdUdpSocket,
     candidate: SocketAddr,
-    mut rx: mpsc::Receiver<Queued>,
+    mut rx: Receiver,
     events: Weak<dyn MediaEvents>,
     up: Arc<AtomicBool>,
     stats: Arc<Metrics>,
@@ -114,7 +113,7 @@ fn recover(old: Sfu, candidate: SocketAddr, sink: &dyn MediaEvents) -> Sfu {
 async fn serve(
     sfu: &mut Sfu,
     socket: StdUdpSocket,
-    rx: &mut mpsc::Receiver<Queued>,
+    rx: &mut Receiver,
     events: &Weak<dyn MediaEvents>,
     stats: &Metrics,
 ) {

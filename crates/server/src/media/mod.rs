@@ -2,11 +2,17 @@
 //!
 //! - **Its own thread.** DTLS handshakes, SRTP and SDP work are CPU-bound; on a two-core
 //!   machine they must not starve the WebSocket tasks, nor be starved by them.
-//! - **A bounded queue.** Connection tasks send [`Command`]s over a channel of
-//!   [`QUEUE_CAPACITY`]. Membership (join, leave) is awaited, so it is never lost; a
-//!   client's media message that finds the queue full is refused and that client is asked
-//!   to reconnect (its session resumes), and while the queue is more than half full the
+//! - **A bounded queue.** The gateway queues [`Command`]s for the thread. A client's media
+//!   message that finds [`QUEUE_CAPACITY`] commands waiting is refused and that client is
+//!   asked to reconnect (its session resumes); while more than half that is waiting, the
 //!   gateway refuses new joins with the SDK's "try again" (see [`MediaHandle::saturated`]).
+//!   Membership (join, leave) is never refused, so it is never lost, and it is queued
+//!   without waiting, under the space's lock, so the media plane sees it in the order the
+//!   space did: there is at most one join and one leave per connection, and joins stop
+//!   while the queue is saturated, so it stays bounded too.
+//! - **Only spaces with media.** A space's members enter the media plane when one of them
+//!   first sends a media message (`signaling::Output::MediaJoin`): a participant of a
+//!   space without media costs the media thread nothing, not even a wakeup.
 //! - **Supervised.** A panic in the SFU is caught; the driver builds a fresh SFU, puts back
 //!   every member that had no media (their clients notice nothing), asks every client that
 //!   had a peer connection to reconnect, and reports not-ready while it is down.
@@ -18,7 +24,7 @@ mod translate;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use spacegate_proto::signaling::{ClientMessage, SpeakingTrack};
@@ -59,6 +65,8 @@ pub enum Command {
         room: SpaceId,
         member: ConnectionId,
         mode: SubscriptionMode,
+        /// The client already answered the subscriber offer of its `joined`.
+        answered_initial_offer: bool,
     },
     Leave {
         member: ConnectionId,
@@ -117,7 +125,9 @@ pub trait MediaEvents: Send + Sync + 'static {
 /// The gateway's side of the media thread.
 #[derive(Debug)]
 pub struct MediaHandle {
-    tx: mpsc::Sender<Queued>,
+    tx: mpsc::UnboundedSender<Queued>,
+    /// Commands queued and not yet taken by the media thread.
+    depth: Arc<AtomicUsize>,
     up: Arc<AtomicBool>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Where the socket is bound.
@@ -132,35 +142,41 @@ impl MediaHandle {
         local_addr: SocketAddr,
         candidate: SocketAddr,
         metrics: Arc<crate::metrics::Metrics>,
-    ) -> (Self, mpsc::Receiver<Queued>) {
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    ) -> (Self, Receiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let depth = Arc::new(AtomicUsize::new(0));
         let handle = MediaHandle {
             tx,
+            depth: depth.clone(),
             up: Arc::new(AtomicBool::new(false)),
             metrics,
             local_addr,
             candidate,
         };
-        (handle, rx)
+        (handle, Receiver { rx, depth })
     }
 
-    /// Queues a command, waiting for room: membership changes must not be lost.
-    pub async fn send(&self, command: Command) {
+    /// Queues a command whatever the queue holds: membership, which must not be lost, and
+    /// the rare internal commands (stats, tests).
+    pub fn send(&self, command: Command) {
         let q = Queued {
             at: Instant::now(),
             command,
         };
+        self.depth.fetch_add(1, Ordering::Relaxed);
         // Fails only when the media thread is gone (shutdown).
-        let _ = self.tx.send(q).await;
+        if self.tx.send(q).is_err() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
-    /// Queues a command if there is room; false when the queue is full (or gone).
+    /// Queues a client's command if fewer than [`QUEUE_CAPACITY`] are waiting; false
+    /// when the queue is full (or gone).
     pub fn try_send(&self, command: Command) -> bool {
-        let q = Queued {
-            at: Instant::now(),
-            command,
+        let ok = self.queue_depth() < QUEUE_CAPACITY && {
+            self.send(command);
+            true
         };
-        let ok = self.tx.try_send(q).is_ok();
         if !ok {
             self.metrics.media_refused_commands.inc();
         }
@@ -169,7 +185,7 @@ impl MediaHandle {
 
     /// Commands waiting.
     pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.depth.load(Ordering::Relaxed)
     }
 
     /// More than half the queue is waiting: new joins are refused until it drains, so the
@@ -185,8 +201,24 @@ impl MediaHandle {
 
     pub async fn stats(&self) -> Option<SfuStats> {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::Stats(tx)).await;
+        self.send(Command::Stats(tx));
         rx.await.ok()
+    }
+}
+
+/// The media thread's end of the queue.
+#[derive(Debug)]
+pub struct Receiver {
+    rx: mpsc::UnboundedReceiver<Queued>,
+    depth: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    /// Waits for commands and takes up to `limit`; 0 when the gateway is gone.
+    async fn recv_many(&mut self, into: &mut Vec<Queued>, limit: usize) -> usize {
+        let n = self.rx.recv_many(into, limit).await;
+        self.depth.fetch_sub(n, Ordering::Relaxed);
+        n
     }
 }
 

@@ -30,7 +30,18 @@ fn error(message: impl Into<String>) -> Arc<str> {
 pub(super) fn command(sfu: &mut Sfu, sink: &dyn MediaEvents, c: Command) {
     let now = Instant::now();
     match c {
-        Command::Join { room, member, mode } => sfu.join(room.as_str(), member.as_str(), mode, now),
+        Command::Join {
+            room,
+            member,
+            mode,
+            answered_initial_offer: false,
+        } => sfu.join(room.as_str(), member.as_str(), mode, now),
+        Command::Join {
+            room,
+            member,
+            mode,
+            answered_initial_offer: true,
+        } => sfu.join_stable(room.as_str(), member.as_str(), mode, now),
         Command::Leave { member } => sfu.leave(member.as_str(), now),
         Command::Stats(tx) => {
             let _ = tx.send(sfu.stats());
