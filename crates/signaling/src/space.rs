@@ -184,7 +184,12 @@ impl Space {
     /// A message for the media plane. The space's first one puts every member into the
     /// media plane first, in join order, so the media plane sees membership in the order
     /// it happened.
-    fn send_to_media(&mut self, from: &ConnectionId, message: ClientMessage, out: &mut Vec<Output>) {
+    fn send_to_media(
+        &mut self,
+        from: &ConnectionId,
+        message: ClientMessage,
+        out: &mut Vec<Output>,
+    ) {
         if !self.media {
             self.media = true;
             for m in &self.members {
