@@ -107,9 +107,8 @@ pub async fn run(
                 continue;
             }
         };
-        // No Nagle: WebSocket messages over 256 bytes go out as several small frames, and
-        // Nagle would hold each one back until the previous was acknowledged (with delayed
-        // ACKs, 40 ms apiece).
+        // No Nagle: a message written while the previous one is unacknowledged would wait
+        // for that ACK (with delayed ACKs, 40 ms).
         let _ = tcp.set_nodelay(true);
         let (state, router, mut stopped) = (state.clone(), router.clone(), stopped.clone());
         tokio::spawn(async move {

@@ -428,27 +428,35 @@ impl Round {
 /// as a churning client would.
 async fn churn(ws_base: &str, tokens: &TokenSlice, concurrency: usize, joins: usize) -> Round {
     let next = Arc::new(AtomicUsize::new(0));
-    let ws_base: Arc<str> = ws_base.into();
+    let target = match lean::Target::new(ws_base) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            return Round {
+                latencies: Vec::new(),
+                errors: BTreeMap::from([(e, joins)]),
+                elapsed: Duration::ZERO,
+            };
+        }
+    };
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (tokens, next, ws_base) = (tokens.clone(), next.clone(), ws_base.clone());
+        let (tokens, next, target) = (tokens.clone(), next.clone(), target.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = Vec::new();
-            let options = JoinOptions::default();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= joins {
                     break;
                 }
                 let t = Instant::now();
-                match Session::join(&ws_base, tokens.get(i), &options).await {
-                    Ok(session) => {
+                match target.join(tokens.get(i)).await {
+                    Ok(socket) => {
                         latencies.push(t.elapsed());
-                        session.abort_with_close().await;
+                        lean::leave(socket).await;
                     }
-                    Err(e) => errors.push(error_kind(e)),
+                    Err(e) => errors.push(e),
                 }
             }
             (latencies, errors)
@@ -1408,6 +1416,152 @@ async fn soak(
             "server_cpu_share": cpu_start.zip(cpu_end).map(|(b, e)| round_to((e - b) / secs, 4)),
         }),
     )
+}
+
+/// The churn's join, as lean as a client can be: one TCP connection, a prebuilt upgrade
+/// request, frames parsed only as far as telling `joined` from `error`, a close frame. On
+/// two cores the generator shares the machine with the server; with the full client
+/// (tungstenite's handshake, every message decoded) it ran out of its core before the
+/// server did, and then measured itself.
+mod lean {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+    pub struct Target {
+        addr: SocketAddr,
+        host: String,
+        path: String,
+    }
+
+    impl Target {
+        pub fn new(ws_base: &str) -> Result<Target, String> {
+            let rest = ws_base
+                .strip_prefix("ws://")
+                .ok_or_else(|| format!("the lean churn speaks ws:// only, not {ws_base}"))?;
+            let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+                .map_err(|e| format!("resolving {host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host} has no address"))?;
+            let prefix = prefix.trim_end_matches('/');
+            let path = if prefix.is_empty() {
+                "/v1".to_owned()
+            } else {
+                format!("/{prefix}/v1")
+            };
+            Ok(Target {
+                addr,
+                host: host.to_owned(),
+                path,
+            })
+        }
+
+        /// Joins with `token`; the socket once `joined` arrived, or why not (a refusal
+        /// as "rejected type N", as the full client reports it).
+        pub async fn join(&self, token: &str) -> Result<TcpStream, String> {
+            match tokio::time::timeout(TIMEOUT, self.join_inner(token)).await {
+                Ok(r) => r,
+                Err(_) => Err("timed out".into()),
+            }
+        }
+
+        async fn join_inner(&self, token: &str) -> Result<TcpStream, String> {
+            let mut socket = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let _ = socket.set_nodelay(true);
+            // Tokens are base64url and dots: nothing to escape in a query.
+            let request = format!(
+                "GET {}?token={token}&sdk_version=1.2.0&managed_subscriptions=16 HTTP/1.1\r\n\
+                 Host: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                self.path, self.host
+            );
+            socket
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let mut buf = Vec::with_capacity(4096);
+            let head_end = loop {
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break p + 4;
+                }
+                read_more(&mut socket, &mut buf).await?;
+            };
+            if !buf.starts_with(b"HTTP/1.1 101") {
+                let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+                return Err(format!(
+                    "upgrade refused: {}",
+                    String::from_utf8_lossy(line)
+                ));
+            }
+            buf.drain(..head_end);
+            // Frames until the first text message (reassembled if fragmented).
+            let mut message = Vec::new();
+            loop {
+                let Some((fin, opcode, start, end)) = frame_at(&buf) else {
+                    read_more(&mut socket, &mut buf).await?;
+                    continue;
+                };
+                if matches!(opcode, 0x1 | 0x0) {
+                    message.extend_from_slice(&buf[start..end]);
+                }
+                buf.drain(..end);
+                if opcode == 0x8 {
+                    return Err("closed before joined".into());
+                }
+                if fin && matches!(opcode, 0x1 | 0x0) {
+                    break;
+                }
+            }
+            if message.starts_with(b"{\"joined\"") {
+                Ok(socket)
+            } else if message.starts_with(b"{\"error\"") {
+                let kind = serde_json::from_slice::<serde_json::Value>(&message)
+                    .ok()
+                    .and_then(|v| v["error"]["type"].as_u64());
+                Err(match kind {
+                    Some(k) => format!("rejected type {k}"),
+                    None => "rejected".into(),
+                })
+            } else {
+                Err("expected joined first".into())
+            }
+        }
+    }
+
+    /// A close frame (masked, as from a client), then the connection goes.
+    pub async fn leave(mut socket: TcpStream) {
+        // FIN + close, masked, empty payload, mask key 0.
+        let _ = socket.write_all(&[0x88, 0x80, 0, 0, 0, 0]).await;
+    }
+
+    async fn read_more(socket: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+        match socket.read_buf(buf).await {
+            Ok(0) => Err("connection closed".into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+
+    /// The first whole server frame in `buf`: (fin, opcode, payload start, end).
+    fn frame_at(buf: &[u8]) -> Option<(bool, u8, usize, usize)> {
+        let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+        let (len, start) = match b1 & 0x7f {
+            126 => (
+                u64::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+                4,
+            ),
+            127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+            n => (u64::from(n), 2),
+        };
+        let end = start + usize::try_from(len).ok()?;
+        (buf.len() >= end).then_some((b0 & 0x80 != 0, b0 & 0x0f, start, end))
+    }
 }
 
 #[cfg(test)]

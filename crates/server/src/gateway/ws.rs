@@ -1,12 +1,15 @@
-//! The WebSocket of a joined connection: our own HTTP upgrade on hyper, and tungstenite for
-//! the framing, so that we decide what an idle connection holds.
+//! The WebSocket of a joined connection: our own HTTP upgrade on hyper, tungstenite for
+//! reading frames, and our own writer for the messages we send.
 //!
 //! tungstenite formats a whole outgoing frame into its write buffer and keeps that buffer's
 //! capacity for the connection's life: a 100-person space's `joined` (~7 KB) left every
-//! idle participant holding it (heaptrack: 20 MB for 3 000 connections). Messages larger
-//! than [`FRAGMENT`] are therefore sent as a fragmented message (RFC 6455 §5.4), so the
-//! buffer never grows past one fragment. Browsers and every WebSocket client reassemble
-//! fragments; the SDK sees one message.
+//! idle participant holding it (heaptrack: 20 MB for 3 000 connections). And it writes
+//! each frame with its own system call. So text messages bypass it: each is framed into a
+//! buffer that lives only for the write and goes out in one write, one TCP segment, however
+//! large (sending `joined` as 256-byte fragments cost a segment each, and on loopback the
+//! sender pays for the receiver's TCP processing too). tungstenite still writes what it
+//! answers by itself (pongs, the close reply) and our pings and closes; its buffer is
+//! flushed before each of our writes, so frames never interleave.
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
@@ -14,16 +17,15 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 pub(super) use tokio_tungstenite::tungstenite::Message;
 
-/// Largest frame we send, and the read buffer: tungstenite keeps both buffers at the
-/// largest size they reached for the connection's life. The SDK's frames are small; a
-/// larger one (an SDP offer) takes a few more reads.
-pub(super) const FRAGMENT: usize = 256;
+/// The read buffer: tungstenite keeps it at the largest size it reached for the
+/// connection's life. The SDK's frames are small; a larger one (an SDP offer) takes a few
+/// more reads.
+pub(super) const READ_BUFFER: usize = 256;
 
 /// A joined connection's socket.
 pub(super) struct Ws(WebSocketStream<TokioIo<Upgraded>>);
@@ -34,7 +36,7 @@ impl Ws {
     pub(super) async fn from_upgrade(on_upgrade: OnUpgrade, max_message: usize) -> Option<Ws> {
         let upgraded = on_upgrade.await.ok()?;
         let config = WebSocketConfig::default()
-            .read_buffer_size(FRAGMENT)
+            .read_buffer_size(READ_BUFFER)
             .write_buffer_size(0)
             .max_write_buffer_size(max_message * 4)
             .max_message_size(Some(max_message))
@@ -55,22 +57,16 @@ impl Ws {
         self.0.send(m).await
     }
 
-    /// A text message, fragmented when it is larger than [`FRAGMENT`].
+    /// A text message, as one frame in one write.
     pub(super) async fn send_text(&mut self, text: &str) -> Result<(), WsError> {
-        if text.len() <= FRAGMENT {
-            return self.0.send(Message::text(text)).await;
-        }
-        // Fragment boundaries need not fall on UTF-8 boundaries: only the reassembled
-        // message must be valid UTF-8 (RFC 6455 §5.6).
-        let mut chunks = text.as_bytes().chunks(FRAGMENT).peekable();
-        let mut opcode = OpCode::Data(Data::Text);
-        while let Some(chunk) = chunks.next() {
-            let last = chunks.peek().is_none();
-            let frame = Frame::message(bytes_of(chunk), opcode, last);
-            self.0.feed(Message::Frame(frame)).await?;
-            opcode = OpCode::Data(Data::Continue);
-        }
-        self.0.flush().await
+        use tokio::io::AsyncWriteExt as _;
+        // Whatever tungstenite queued itself (a pong, a close reply) goes out first, whole.
+        self.0.flush().await?;
+        let frame = text_frame(text);
+        let io = self.0.get_mut();
+        io.write_all(&frame).await?;
+        io.flush().await?;
+        Ok(())
     }
 
     pub(super) async fn close(&mut self, code: u16) -> Result<(), WsError> {
@@ -82,8 +78,25 @@ impl Ws {
     }
 }
 
-fn bytes_of(chunk: &[u8]) -> tokio_tungstenite::tungstenite::Bytes {
-    tokio_tungstenite::tungstenite::Bytes::copy_from_slice(chunk)
+/// An unmasked (server-to-client) text frame holding all of `text` (RFC 6455 §5.2).
+fn text_frame(text: &str) -> Vec<u8> {
+    let n = text.len();
+    let mut frame = Vec::with_capacity(n + 10);
+    // FIN, opcode 1 (text).
+    frame.push(0x81);
+    match n {
+        0..=125 => frame.push(n as u8),
+        126..=0xFFFF => {
+            frame.push(126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        _ => {
+            frame.push(127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(text.as_bytes());
+    frame
 }
 
 /// Why an upgrade request was refused: an HTTP status and a reason.
@@ -176,6 +189,29 @@ mod tests {
             HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
         );
         h
+    }
+
+    #[test]
+    fn text_frames_carry_every_length_form() {
+        use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        // The three length encodings and their edges, read back by tungstenite's parser.
+        for n in [0, 1, 125, 126, 127, 0xFFFF, 0x1_0000, 300_000] {
+            let text = "é".repeat(n / 2) + &"x".repeat(n % 2);
+            let frame = text_frame(&text);
+            let mut cursor = std::io::Cursor::new(&frame[..]);
+            let (header, length) = FrameHeader::parse(&mut cursor)
+                .expect("parses")
+                .expect("complete header");
+            assert!(
+                header.is_final && !header.rsv1 && header.mask.is_none(),
+                "{n}"
+            );
+            assert_eq!(header.opcode, OpCode::Data(Data::Text));
+            assert_eq!(length, text.len() as u64, "{n}");
+            let body = &frame[usize::try_from(cursor.position()).expect("fits")..];
+            assert_eq!(body, text.as_bytes(), "{n}");
+        }
     }
 
     #[test]
