@@ -138,6 +138,25 @@ def join_report(args):
     else:
         print("  per-stage breakdown: none (the server exposed no join stage metrics)")
 
+    rooms = [r for r in rows if r["run"] == "rooms" and r["kind"] == "churn"
+             and int(num(r, "concurrency")) == ref]
+    if rooms:
+        # Not a goal: a join into a space of N tells N others and each leave tells them
+        # again, a cost bounded by the room (one frame, one write per member), not by
+        # the node. Shown so that cost stays visible.
+        print(f"\n== joins into populated rooms (c={ref}; not a goal: fan-out is bounded by the room)")
+        base = None
+        for r in rooms:
+            per_space = (num(r, "population") or 0) / (num(r, "spaces") or 1)
+            us = num(r, "server_cpu_us_per_join")
+            line = f"  {per_space:g} per space: {us} µs/join, p99 {r['p99_ms']} ms"
+            if per_space == 0:
+                base = us
+            elif base is not None and us is not None:
+                line += (f"; {(us - base) / (2 * per_space):.1f} µs per frame told "
+                         f"(participant_connected + participant_disconnected to each member)")
+            print(line)
+
     print(f"\n== goal 3: server RSS per idle joined connection")
     for run in ("population", "dense"):
         holds = [r for r in rows if r["run"] == run and r["kind"] == "hold"]

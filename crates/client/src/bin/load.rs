@@ -151,6 +151,12 @@ struct ScaleArgs {
     /// Skip releasing the held participants and churning again afterwards.
     #[arg(long)]
     no_release_phase: bool,
+    /// Churn in this many spaces of its own (empty in every phase, so each join
+    /// activates one and each leave idles it), apart from the held population's: what a
+    /// join costs then cannot depend on the size of the room it lands in, only on what
+    /// the node holds. 0: churn lands in the held population's spaces.
+    #[arg(long, default_value_t = 0)]
+    churn_spaces: usize,
     /// Seconds to keep the largest population connected before its churn rounds (a
     /// soak), sampling server RSS and CPU every --sample-secs.
     #[arg(long, default_value_t = 0)]
@@ -246,6 +252,20 @@ impl Target {
     /// Signs `count` tokens; token `i` joins space `i % spaces` as participant
     /// `{prefix}-{i}` (or without a participant id when `prefix` is `None`).
     fn sign(&self, prefix: Option<&str>, count: usize) -> Result<Vec<String>> {
+        self.sign_over(prefix, count, 0..self.spaces.len())
+    }
+
+    /// [`Target::sign`] over the spaces `range` only.
+    fn sign_over(
+        &self,
+        prefix: Option<&str>,
+        count: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<String>> {
+        let spaces: Arc<[String]> = self.spaces[range].into();
+        if spaces.is_empty() {
+            bail!("no spaces to sign tokens for");
+        }
         // Long enough for a soak plus the signing before it.
         let expires_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
@@ -258,7 +278,7 @@ impl Target {
         let chunk = count.div_ceil(threads).max(1);
         let mut handles = Vec::new();
         for start in (0..count).step_by(chunk) {
-            let (key, kid, spaces) = (self.key.clone(), self.kid.clone(), self.spaces.clone());
+            let (key, kid, spaces) = (self.key.clone(), self.kid.clone(), spaces.clone());
             let prefix = prefix.map(str::to_owned);
             handles.push(std::thread::spawn(move || -> Result<Vec<String>> {
                 (start..(start + chunk).min(count))
@@ -1008,6 +1028,7 @@ const CSV_COLUMNS: &[&str] = &[
     "phase",
     "population",
     "spaces",
+    "churn_spaces",
     "concurrency",
     "joins",
     "failed",
@@ -1134,13 +1155,22 @@ async fn run_scale(a: &ScaleArgs) -> Result<()> {
         + usize::from(!a.no_release_phase && churn_at(0));
     let rounds = churn_phases * a.concurrency.len();
 
-    let target = Target::create(c, spaces).await?;
+    let target = Target::create(c, spaces + a.churn_spaces).await?;
     // Distinct participant ids for everyone: held `hold-N`, churning `churn-N` (a fresh
     // id per join, so no join finds its predecessor still leaving). Both go round-robin
-    // over the same spaces, so churn lands in the populated spaces.
+    // over the first `spaces` spaces, so churn lands in the populated spaces, unless it
+    // has spaces of its own (`--churn-spaces`).
     let signing = Instant::now();
-    let held_tokens = TokenSlice::all(target.sign(Some("hold"), peak)?);
-    let churn_tokens = TokenSlice::all(target.sign(Some("churn"), rounds * a.joins)?);
+    let held_tokens = TokenSlice::all(target.sign_over(Some("hold"), peak, 0..spaces)?);
+    let churn_range = match a.churn_spaces {
+        0 => 0..spaces,
+        n => spaces..spaces + n,
+    };
+    let churn_tokens = TokenSlice::all(target.sign_over(
+        Some("churn"),
+        rounds * a.joins,
+        churn_range,
+    )?);
     let warmup_tokens = TokenSlice::all(target.sign(Some("warm"), a.warmup_joins)?);
     eprintln!(
         "spacegate-load: signed {} tokens in {:.1} s",
@@ -1299,6 +1329,7 @@ impl Churner<'_> {
                 "population": population,
                 "held": holders.alive(),
                 "spaces": self.spaces,
+                "churn_spaces": a.churn_spaces,
                 "concurrency": concurrency,
             });
             merge(&mut line, round.to_json());
