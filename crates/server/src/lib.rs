@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod ids;
 pub mod join;
 pub mod keys;
+mod listen;
 pub mod media;
 pub mod metrics;
 pub mod tokens;
@@ -74,10 +75,10 @@ pub fn now_secs() -> i64 {
 /// reports not-ready, tells every WebSocket client to reconnect elsewhere (close 1012, up
 /// to 5 s for them to go), stops accepting, lets in-flight requests finish and returns.
 ///
-/// Our own accept loop on hyper rather than `axum::serve`: that one rebuilds the router
-/// (cloning every route) for each connection, and a join is one connection, so that clone
-/// was ~5 % of a join's CPU (perf). Joins (`/v1`, `/pluto/v1`) go straight to the
-/// gateway; every other request goes through the router, built once.
+/// Our own accept loop rather than `axum::serve`: that one rebuilds the router (cloning
+/// every route) for each connection, and a join is one connection, so that clone was ~5 %
+/// of a join's CPU (perf). Joins are answered by [`listen`] itself; every other request
+/// goes to hyper and the router, built once.
 pub async fn run(
     state: AppState,
     listener: TcpListener,
@@ -110,24 +111,12 @@ pub async fn run(
         // No Nagle: a message written while the previous one is unacknowledged would wait
         // for that ACK (with delayed ACKs, 40 ms).
         let _ = tcp.set_nodelay(true);
-        let (state, router, mut stopped) = (state.clone(), router.clone(), stopped.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let (state, router) = (state.clone(), router.clone());
-                async move { Ok::<_, std::convert::Infallible>(respond(state, router, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                .with_upgrades();
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = stopped.wait_for(|stop| *stop) => {}
-            }
-            // Shutdown: finish the request in flight, take no more.
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        });
+        tokio::spawn(listen::connection(
+            state.clone(),
+            router.clone(),
+            tcp,
+            stopped.clone(),
+        ));
     }
     ready.store(false, Ordering::Relaxed);
     tracing::info!(
@@ -140,26 +129,6 @@ pub async fn run(
     drop(stopped);
     stop.closed().await;
     Ok(())
-}
-
-async fn respond(
-    state: AppState,
-    router: axum::Router,
-    request: hyper::Request<hyper::body::Incoming>,
-) -> axum::response::Response {
-    match request.uri().path() {
-        "/v1" | "/pluto/v1" if request.method() == hyper::Method::GET => {
-            gateway::upgrade_request(state, request.map(axum::body::Body::new))
-        }
-        _ => {
-            use tower_service::Service as _;
-            let mut router = router;
-            match router.call(request).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            }
-        }
-    }
 }
 
 /// Errors of one incoming connection (it went away before we took it), as opposed to the

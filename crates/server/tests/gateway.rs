@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Fx, TestServer, data};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 use spacegate_auth::{PrivateKey, SignOptions, sign, sign_raw};
@@ -577,12 +577,37 @@ async fn messages_before_joined_are_refused() {
         &fx.token(Some("eager"), Role::Publisher),
         &JoinOptions::default(),
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .expect("connect");
-    ws.send(Message::Text(r#"{"set_display_name":"early"}"#.into()))
-        .await
-        .expect("send");
+    // The server answers the upgrade only with `joined`, so a client that sends first
+    // pipelines its frame behind its request: a raw socket does exactly that.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("ws://").expect("ws url");
+    let (host, path) = rest.split_once('/').expect("path");
+    let mut tcp = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let payload = br#"{"set_display_name":"early"}"#;
+    let mut bytes = format!(
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    // A masked text frame (mask key 0 leaves the payload as it is).
+    bytes.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
+    bytes.extend_from_slice(payload);
+    tcp.write_all(&bytes).await.expect("send");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.expect("response head"));
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        tcp,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
     let Some(Ok(Message::Text(first))) = ws.next().await else {
         panic!("a frame")
     };

@@ -34,6 +34,17 @@ impl Liveness {
         }
     }
 
+    /// Moves the first ping to `offset_ms` (modulo the interval) from now; the ones after
+    /// keep the interval. Connections that arrive together (a ramp, every client
+    /// reconnecting after a restart) would otherwise be pinged together, forever: a
+    /// burst of pings every interval instead of a steady trickle. The caller passes a
+    /// random offset.
+    pub fn with_first_ping_after(mut self, offset_ms: u64) -> Self {
+        let interval = self.ping_interval_ms.max(1);
+        self.next_ping_ms = self.last_heard_ms + 1 + offset_ms % interval;
+        self
+    }
+
     /// Any frame from the peer (data, pong, ping) proves it alive.
     pub fn heard(&mut self, now_ms: u64) {
         self.last_heard_ms = self.last_heard_ms.max(now_ms);

@@ -654,3 +654,24 @@ fn only_the_first_answer_to_the_joined_offer_is_absorbed() {
         })
     ));
 }
+
+#[test]
+fn a_staggered_first_ping_keeps_the_interval_after() {
+    use spacegate_signaling::{Liveness, LivenessAction};
+    // Joined at 1 s; first ping 2.5 s later (the offset is taken modulo the interval).
+    let mut l = Liveness::new(1_000, 5_000, 12_000).with_first_ping_after(12_499);
+    assert_eq!(l.next_wakeup(), 3_500);
+    assert_eq!(l.poll(3_499), LivenessAction::Wait);
+    assert_eq!(l.poll(3_500), LivenessAction::Ping);
+    assert_eq!(l.next_wakeup(), 8_500, "then every interval");
+    // Connections that arrive together are pinged apart.
+    let wakeups: std::collections::BTreeSet<u64> = (0..50)
+        .map(|i| {
+            Liveness::new(0, 5_000, 12_000)
+                .with_first_ping_after(i * 997)
+                .next_wakeup()
+        })
+        .collect();
+    assert_eq!(wakeups.len(), 50);
+    assert!(wakeups.iter().all(|&w| (1..=5_000).contains(&w)));
+}

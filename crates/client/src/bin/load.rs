@@ -1166,11 +1166,8 @@ async fn run_scale(a: &ScaleArgs) -> Result<()> {
         0 => 0..spaces,
         n => spaces..spaces + n,
     };
-    let churn_tokens = TokenSlice::all(target.sign_over(
-        Some("churn"),
-        rounds * a.joins,
-        churn_range,
-    )?);
+    let churn_tokens =
+        TokenSlice::all(target.sign_over(Some("churn"), rounds * a.joins, churn_range)?);
     let warmup_tokens = TokenSlice::all(target.sign(Some("warm"), a.warmup_joins)?);
     eprintln!(
         "spacegate-load: signed {} tokens in {:.1} s",

@@ -90,25 +90,31 @@ pub fn upgrade_request(state: AppState, mut request: axum::extract::Request) -> 
     drop(request);
     tokio::spawn(async move {
         let started = Instant::now();
-        let Some(mut socket) = Box::pin(Ws::from_upgrade(on_upgrade, MAX_FRAME_BYTES)).await else {
+        let Some(socket) = Box::pin(Ws::from_upgrade(on_upgrade, MAX_FRAME_BYTES)).await else {
             return;
         };
-        // Boxed: the admission future (token check, store lookups) is large and must
-        // not stay part of every idle connection's task for its whole life.
-        match Box::pin(admit(&state, params, &mut socket)).await {
-            // A task of its own: this one's state (the query, the upgrade, the boxed
-            // admission) would otherwise stay reserved in every joined connection's task
-            // for its whole life.
-            Ok(admitted) => {
-                tokio::spawn(serve(state, admitted, socket, started));
-            }
-            Err(r) => {
-                state.gateway.metrics.join(r.outcome, started.elapsed());
-                Box::pin(refuse(socket, r.body)).await
-            }
-        }
+        join(state, params, socket, started).await;
     });
     response
+}
+
+/// A join's WebSocket, from admission to the end: refused (the SDK's error, close 4000), or
+/// joined and served on a task of its own.
+pub(crate) async fn join(state: AppState, params: JoinParams, mut socket: Ws, started: Instant) {
+    // Boxed: the admission future (token check, store lookups) is large and must not stay
+    // part of every idle connection's task for its whole life.
+    match Box::pin(admit(&state, params, &mut socket)).await {
+        // A task of its own: this one's state (the query, the upgrade, the boxed admission)
+        // would otherwise stay reserved in every joined connection's task for its whole
+        // life.
+        Ok(admitted) => {
+            tokio::spawn(serve(state, admitted, socket, started));
+        }
+        Err(r) => {
+            state.gateway.metrics.join(r.outcome, started.elapsed());
+            Box::pin(refuse(socket, r.body)).await
+        }
+    }
 }
 
 /// Sends the SDK's `error`, then closes with 4000 so it does not retry.

@@ -56,11 +56,15 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
     gw.metrics.join(JoinOutcome::Joined, started.elapsed());
 
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    // Its first ping at a random point of the interval (from its random connection id),
+    // so a crowd that joined together is not pinged together.
+    let phase = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), &conn);
     let mut liveness = Liveness::new(
         gw.now_ms(),
         ms(gw.config.ping_interval),
         ms(gw.config.idle_timeout),
-    );
+    )
+    .with_first_ping_after(phase);
     let mut flood = FloodGuard::new(gw.config.inbound_per_second, gw.now_ms());
     let close_code = loop {
         // Decide what to do without awaiting, then await in one place: a large temporary

@@ -19,7 +19,7 @@ mod admission;
 mod connection;
 mod outbox;
 mod spaces;
-mod ws;
+pub(crate) mod ws;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,11 @@ use spacegate_signaling::SpaceConfig;
 
 use crate::media::{MediaEvent, MediaEvents};
 
+pub(crate) use admission::join;
 pub use admission::{JoinParams, upgrade, upgrade_request};
+/// The largest message a client may send.
+pub(crate) use spacegate_proto::signaling::MAX_FRAME_BYTES;
+pub(crate) use ws::{Ws, switching_protocols};
 
 /// Close code that tells the SDK not to reconnect.
 pub const CLOSE_NO_RECONNECT: u16 = 4000;

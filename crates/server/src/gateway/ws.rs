@@ -14,8 +14,9 @@
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -27,43 +28,95 @@ pub(super) use tokio_tungstenite::tungstenite::Message;
 /// more reads.
 pub(super) const READ_BUFFER: usize = 256;
 
+/// What a WebSocket runs over: the TCP stream our listener accepted, or a connection hyper
+/// upgraded (the router's `/v1`).
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 /// A joined connection's socket.
-pub(super) struct Ws(WebSocketStream<TokioIo<Upgraded>>);
+pub(crate) struct Ws {
+    stream: WebSocketStream<Box<dyn Io>>,
+    /// Our 101 response, not yet written: it goes out with the first frame, in one write
+    /// (one TCP segment fewer per join).
+    head: Option<Box<[u8]>>,
+}
 
 pub(super) type WsError = tokio_tungstenite::tungstenite::Error;
+
+fn config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_message * 4)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
 
 impl Ws {
     pub(super) async fn from_upgrade(on_upgrade: OnUpgrade, max_message: usize) -> Option<Ws> {
         let upgraded = on_upgrade.await.ok()?;
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(0)
-            .max_write_buffer_size(max_message * 4)
-            .max_message_size(Some(max_message))
-            .max_frame_size(Some(max_message));
-        Some(Ws(WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(config),
-        )
-        .await))
+        let io: Box<dyn Io> = Box::new(TokioIo::new(upgraded));
+        Some(Ws {
+            stream: WebSocketStream::from_raw_socket(io, Role::Server, Some(config(max_message)))
+                .await,
+            head: None,
+        })
+    }
+
+    /// A connection whose upgrade request our listener read itself: `head` is the 101
+    /// response still to send, `read_ahead` what the client sent after its request.
+    pub(crate) async fn accepted(
+        io: Box<dyn Io>,
+        head: Vec<u8>,
+        read_ahead: Vec<u8>,
+        max_message: usize,
+    ) -> Ws {
+        let config = Some(config(max_message));
+        let stream = if read_ahead.is_empty() {
+            WebSocketStream::from_raw_socket(io, Role::Server, config).await
+        } else {
+            WebSocketStream::from_partially_read(io, read_ahead, Role::Server, config).await
+        };
+        Ws {
+            stream,
+            head: Some(head.into_boxed_slice()),
+        }
+    }
+
+    /// Writes the 101 response if it is still pending.
+    async fn write_head(&mut self) -> Result<(), WsError> {
+        if let Some(head) = self.head.take() {
+            use tokio::io::AsyncWriteExt as _;
+            self.stream.get_mut().write_all(&head).await?;
+        }
+        Ok(())
     }
 
     pub(super) async fn recv(&mut self) -> Option<Result<Message, WsError>> {
-        self.0.next().await
+        self.stream.next().await
     }
 
     pub(super) async fn send(&mut self, m: Message) -> Result<(), WsError> {
-        self.0.send(m).await
+        self.write_head().await?;
+        self.stream.send(m).await
     }
 
-    /// A text message, as one frame in one write.
+    /// A text message, as one frame in one write (with the 101 response if that is still
+    /// pending).
     pub(super) async fn send_text(&mut self, text: &str) -> Result<(), WsError> {
         use tokio::io::AsyncWriteExt as _;
         // Whatever tungstenite queued itself (a pong, a close reply) goes out first, whole.
-        self.0.flush().await?;
-        let frame = text_frame(text);
-        let io = self.0.get_mut();
+        self.stream.flush().await?;
+        let frame = match self.head.take() {
+            Some(head) => {
+                let mut out = Vec::with_capacity(head.len() + text.len() + 10);
+                out.extend_from_slice(&head);
+                push_text_frame(&mut out, text);
+                out
+            }
+            None => text_frame(text),
+        };
+        let io = self.stream.get_mut();
         io.write_all(&frame).await?;
         io.flush().await?;
         Ok(())
@@ -74,14 +127,19 @@ impl Ws {
             code: CloseCode::from(code),
             reason: "".into(),
         };
-        self.0.send(Message::Close(Some(frame))).await
+        self.send(Message::Close(Some(frame))).await
     }
 }
 
 /// An unmasked (server-to-client) text frame holding all of `text` (RFC 6455 §5.2).
 fn text_frame(text: &str) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(text.len() + 10);
+    push_text_frame(&mut frame, text);
+    frame
+}
+
+fn push_text_frame(frame: &mut Vec<u8>, text: &str) {
     let n = text.len();
-    let mut frame = Vec::with_capacity(n + 10);
     // FIN, opcode 1 (text).
     frame.push(0x81);
     match n {
@@ -96,12 +154,11 @@ fn text_frame(text: &str) -> Vec<u8> {
         }
     }
     frame.extend_from_slice(text.as_bytes());
-    frame
 }
 
 /// Why an upgrade request was refused: an HTTP status and a reason.
 #[derive(Debug)]
-pub(super) struct Refused(pub StatusCode, pub &'static str);
+pub(crate) struct Refused(pub StatusCode, pub &'static str);
 
 impl Refused {
     pub(super) fn into_response(self) -> Response<Body> {
@@ -119,6 +176,34 @@ impl Refused {
 /// Anything else gets 400 (or 426 without `Upgrade: websocket`), as a plain HTTP error:
 /// only a client that is not a WebSocket client sees it.
 pub(super) fn handshake(method: &Method, headers: &HeaderMap) -> Result<Response<Body>, Refused> {
+    let accept = accept_key(method, headers)?;
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    Ok(r)
+}
+
+/// The 101 response of [`handshake`] as bytes, for a connection our listener answers
+/// itself.
+pub(crate) fn switching_protocols(
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Vec<u8>, Refused> {
+    let accept = accept_key(method, headers)?;
+    Ok(format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+         sec-websocket-accept: {accept}\r\n\r\n"
+    )
+    .into_bytes())
+}
+
+/// The `Sec-WebSocket-Accept` of a valid upgrade request.
+fn accept_key(method: &Method, headers: &HeaderMap) -> Result<String, Refused> {
     let refuse = |status: StatusCode, why: &'static str| Refused(status, why);
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
@@ -157,16 +242,7 @@ pub(super) fn handshake(method: &Method, headers: &HeaderMap) -> Result<Response
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return Err(refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
     };
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let mut r = Response::new(Body::empty());
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&accept) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    Ok(r)
+    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
 #[cfg(test)]

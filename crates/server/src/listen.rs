@@ -1,0 +1,313 @@
+//! What happens to an accepted TCP connection: a join's WebSocket upgrade is answered here,
+//! everything else goes to hyper and the router.
+//!
+//! A join is one TCP connection carrying one HTTP request, so what a generic HTTP stack
+//! spends per connection is spent per join: hyper's connection task and dispatcher, the
+//! upgrade hand-off, and a 101 response written on its own. Here the request head is read
+//! into one buffer and parsed in place (`httparse`); a valid upgrade to `/v1` is admitted
+//! without hyper, and its 101 goes out in the same write as `joined` (or as the refusal),
+//! one TCP segment fewer. Any other request, or an upgrade we would refuse, is handed to
+//! hyper with the bytes already read, so it is answered exactly as before.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::Query;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::AppState;
+use crate::gateway::{self, JoinParams};
+
+/// A client must finish its request head within this (slowloris).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A join's request head larger than this is left to hyper (which refuses it). A token is
+/// about 1 KB; browsers add cookies and a dozen headers.
+const MAX_JOIN_HEAD: usize = 64 * 1024;
+
+/// Serves one accepted connection until it ends. `stopped` turns true at shutdown: plain
+/// HTTP connections then finish their request and close (WebSockets are drained by the
+/// gateway).
+pub(crate) async fn connection(
+    state: AppState,
+    router: axum::Router,
+    mut tcp: TcpStream,
+    stopped: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let mut buf = Vec::with_capacity(2048);
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp, &mut buf)).await {
+        Ok(Ok(head)) => head,
+        // Gone, or too slow to say what it wants.
+        Ok(Err(_)) | Err(_) => return,
+    };
+    // A join we admit here; anything else (not a join, or an upgrade we would refuse)
+    // hyper answers as it would any request.
+    if let Some((end, (response, params))) =
+        head.and_then(|end| Some((end, join_upgrade(&buf[..end])?)))
+    {
+        drop(stopped);
+        let read_ahead = buf.split_off(end);
+        drop(buf);
+        let socket = gateway::Ws::accepted(
+            Box::new(tcp),
+            response,
+            read_ahead,
+            gateway::MAX_FRAME_BYTES,
+        )
+        .await;
+        gateway::join(state, params, socket, started).await;
+        return;
+    }
+    let io = Prefixed {
+        prefix: buf,
+        at: 0,
+        inner: tcp,
+    };
+    http(state, router, io, stopped).await;
+}
+
+/// Reads until the request line shows whether this is a join. For a join, reads its whole
+/// head and returns where it ends; for anything else returns `None` at once.
+async fn read_head(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    loop {
+        if let Some(line) = buf.windows(2).position(|w| w == b"\r\n") {
+            if !is_join_line(&buf[..line]) {
+                return Ok(None);
+            }
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Ok(Some(end + 4));
+            }
+            if buf.len() > MAX_JOIN_HEAD {
+                return Ok(None);
+            }
+        } else if buf.len() > MAX_JOIN_HEAD {
+            return Ok(None);
+        }
+        if tcp.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// `GET /v1…` or `GET /pluto/v1…` (the SDK's join paths), with or without a query.
+fn is_join_line(line: &[u8]) -> bool {
+    let Some(target) = line.strip_prefix(b"GET ") else {
+        return false;
+    };
+    let path_end = target
+        .iter()
+        .position(|&b| b == b'?' || b == b' ')
+        .unwrap_or(target.len());
+    matches!(&target[..path_end], b"/v1" | b"/pluto/v1")
+}
+
+/// A join request we answer ourselves: its 101 response and its query. `None` for
+/// anything hyper should answer (malformed, not a valid upgrade).
+fn join_upgrade(head: &[u8]) -> Option<(Vec<u8>, JoinParams)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_)))
+        || request.version != Some(1)
+    {
+        return None;
+    }
+    let mut map = HeaderMap::with_capacity(request.headers.len());
+    for h in request.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        map.append(name, HeaderValue::from_bytes(h.value).ok()?);
+    }
+    let response = gateway::switching_protocols(&Method::GET, &map).ok()?;
+    let uri: Uri = request.path?.parse().ok()?;
+    // A malformed query still upgrades, and the missing token is refused in-protocol.
+    let params = Query::<JoinParams>::try_from_uri(&uri)
+        .map(|Query(p)| p)
+        .unwrap_or_default();
+    Some((response, params))
+}
+
+/// Plain HTTP on hyper (HTTP/1.1, upgrades for the router's own `/v1`).
+async fn http(
+    state: AppState,
+    router: axum::Router,
+    io: Prefixed,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let service = hyper::service::service_fn(move |request| {
+        let (state, router) = (state.clone(), router.clone());
+        async move { Ok::<_, std::convert::Infallible>(respond(state, router, request).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = stopped.wait_for(|stop| *stop) => {}
+    }
+    // Shutdown: finish the request in flight, take no more.
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
+}
+
+async fn respond(
+    state: AppState,
+    router: axum::Router,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> axum::response::Response {
+    match request.uri().path() {
+        // A join this listener did not take itself (a keep-alive connection's second
+        // request, or an upgrade it would refuse): the gateway still answers it.
+        "/v1" | "/pluto/v1" if request.method() == hyper::Method::GET => {
+            gateway::upgrade_request(state, request.map(axum::body::Body::new))
+        }
+        _ => {
+            use tower_service::Service as _;
+            let mut router = router;
+            match router.call(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
+
+/// The accepted stream with the bytes already read from it put back in front.
+struct Prefixed {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.at);
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                // Read once: free it for the connection's remaining life.
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_sdk_join_paths_are_taken_here() {
+        for line in [
+            "GET /v1?token=a HTTP/1.1",
+            "GET /v1 HTTP/1.1",
+            "GET /pluto/v1?token=a&x=y HTTP/1.1",
+        ] {
+            assert!(is_join_line(line.as_bytes()), "{line}");
+        }
+        for line in [
+            "POST /v1?token=a HTTP/1.1",
+            "GET /v10 HTTP/1.1",
+            "GET /v1/spaces HTTP/1.1",
+            "GET /video/v1/spaces HTTP/1.1",
+            "GET /healthz HTTP/1.1",
+            "GET",
+        ] {
+            assert!(!is_join_line(line.as_bytes()), "{line}");
+        }
+    }
+
+    fn request(extra: &str) -> String {
+        format!(
+            "GET /v1?token=abc&display_name=Al%20ice HTTP/1.1\r\nHost: x\r\n\
+             Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn a_valid_upgrade_is_answered_here_with_the_rfc_accept_key() {
+        let head = request("Sec-WebSocket-Version: 13\r\n");
+        let (response, _params) = join_upgrade(head.as_bytes()).expect("taken");
+        let response = String::from_utf8(response).expect("text");
+        assert!(response.starts_with("HTTP/1.1 101 "), "{response}");
+        // RFC 6455 §1.3's worked example.
+        assert!(response.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(response.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn upgrades_we_would_refuse_are_left_to_hyper() {
+        // Wrong version, missing headers, an unfinished head: hyper answers those (with
+        // the same HTTP errors as before).
+        assert!(join_upgrade(request("Sec-WebSocket-Version: 8\r\n").as_bytes()).is_none());
+        assert!(join_upgrade(request("").as_bytes()).is_none());
+        let head = request("Sec-WebSocket-Version: 13\r\n");
+        assert!(join_upgrade(&head.as_bytes()[..head.len() - 2]).is_none());
+    }
+
+    #[tokio::test]
+    async fn bytes_read_ahead_are_read_again_first() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        client.write_all(b" world").await.expect("write");
+        drop(client);
+        let mut io = Prefixed {
+            prefix: b"hello".to_vec(),
+            at: 0,
+            inner: server,
+        };
+        let mut all = String::new();
+        io.read_to_string(&mut all).await.expect("read");
+        assert_eq!(all, "hello world");
+    }
+}
