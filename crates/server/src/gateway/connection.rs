@@ -65,6 +65,7 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
         ms(gw.config.idle_timeout),
     )
     .with_first_ping_after(phase);
+    let tick = liveness_tick_ms(ms(gw.config.ping_interval));
     let mut flood = FloodGuard::new(gw.config.inbound_per_second, gw.now_ms());
     let close_code = loop {
         // Decide what to do without awaiting, then await in one place: a large temporary
@@ -95,7 +96,7 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
                     },
                 }
             }
-            () = tokio::time::sleep_until(gw.instant_at(liveness.next_wakeup())) => {
+            () = tokio::time::sleep_until(gw.instant_at(on_tick(liveness.next_wakeup(), tick))) => {
                 match liveness.poll(gw.now_ms()) {
                     LivenessAction::Evict => {
                         tracing::debug!(%conn, "evicting a silent connection");
@@ -135,6 +136,20 @@ pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started:
         credential,
     ))
     .await;
+}
+
+/// Liveness deadlines (pings, evictions) are rounded up to a grid of a fortieth of the ping
+/// interval, at most a second (the default 40 s interval: 1 s), so the connections due
+/// within one tick are pinged together, in one wakeup of the node, and their pongs come
+/// back together. Pinged one by one, at 15 000 idle connections, each ping and each pong
+/// woke an idle thread on its own (on a VM, an inter-processor interrupt and a halt exit
+/// each): 5–10 % of a core for 375 pings a second; on the grid, 1 %.
+fn liveness_tick_ms(ping_interval_ms: u64) -> u64 {
+    (ping_interval_ms / 40).clamp(1, 1000)
+}
+
+fn on_tick(ms: u64, tick: u64) -> u64 {
+    ms.div_ceil(tick).saturating_mul(tick)
 }
 
 /// What one turn of a connection's loop does.
@@ -204,4 +219,21 @@ async fn flooded(socket: &mut Ws) -> u16 {
     };
     let _ = send_text_timed(socket, &Envelope::new(ServerMessage::Error(body)).to_json()).await;
     CLOSE_NO_RECONNECT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_deadlines_round_up_to_a_grid_scaled_to_the_interval() {
+        assert_eq!(liveness_tick_ms(40_000), 1000);
+        assert_eq!(liveness_tick_ms(600_000), 1000, "at most a second");
+        assert_eq!(liveness_tick_ms(100), 2);
+        assert_eq!(liveness_tick_ms(10), 1, "at least a millisecond");
+        assert_eq!(on_tick(40_001, 1000), 41_000);
+        assert_eq!(on_tick(41_000, 1000), 41_000);
+        // Connections due anywhere in one tick wake together.
+        assert!((40_001..=41_000).all(|due| on_tick(due, 1000) == 41_000));
+    }
 }
