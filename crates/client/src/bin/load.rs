@@ -1497,10 +1497,24 @@ mod lean {
             }
         }
 
+        /// On loopback, from 127.0.0.2: the held population's connections (from
+        /// 127.0.0.1) hold most of the ports the kernel hands out for connects to this
+        /// server, and with 15 000 of them it scanned thousands of taken ports on every
+        /// connect (`__inet_hash_connect`, 86 % of the generator's core). From another
+        /// source address no port is taken.
+        async fn connect(&self) -> std::io::Result<TcpStream> {
+            match self.addr {
+                SocketAddr::V4(a) if a.ip().is_loopback() => {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind(SocketAddr::from(([127, 0, 0, 2], 0)))?;
+                    socket.connect(self.addr).await
+                }
+                _ => TcpStream::connect(self.addr).await,
+            }
+        }
+
         async fn join_inner(&self, token: &str) -> Result<TcpStream, String> {
-            let mut socket = TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
+            let mut socket = self.connect().await.map_err(|e| format!("connect: {e}"))?;
             let _ = socket.set_nodelay(true);
             // Tokens are base64url and dots: nothing to escape in a query.
             let request = format!(
@@ -1562,10 +1576,22 @@ mod lean {
         }
     }
 
-    /// A close frame (masked, as from a client), then the connection goes.
+    /// A close frame (masked, as from a client), then waits for the server to close the
+    /// TCP connection, as browsers do (RFC 6455 §7.1.1: the server closes first). A client
+    /// that closed first would keep every churned connection's port in TIME_WAIT: with
+    /// 15 000 more held, the kernel then spent most of the generator's core looking for a
+    /// free port on each connect (`__inet_hash_connect`), and the server saw its joins
+    /// trickle in.
     pub async fn leave(mut socket: TcpStream) {
         // FIN + close, masked, empty payload, mask key 0.
-        let _ = socket.write_all(&[0x88, 0x80, 0, 0, 0, 0]).await;
+        if socket.write_all(&[0x88, 0x80, 0, 0, 0, 0]).await.is_err() {
+            return;
+        }
+        let mut sink = [0u8; 256];
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 
     async fn read_more(socket: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
