@@ -68,30 +68,44 @@ pub(crate) async fn connection(
         at: 0,
         inner: tcp,
     };
-    http(state, router, io, stopped).await;
+    http(router, io, stopped).await;
 }
 
 /// Reads until the request line shows whether this is a join. For a join, reads its whole
-/// head and returns where it ends; for anything else returns `None` at once.
+/// head and returns where it ends; for anything else returns `None` at once. Each read's
+/// bytes are scanned once, so a client that sends its head a byte at a time costs no more
+/// than one that sends it whole.
 async fn read_head(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    // Where the next search for a line end starts (a match may straddle two reads).
+    let mut scanned: usize = 0;
+    let mut join = false;
     loop {
-        if let Some(line) = buf.windows(2).position(|w| w == b"\r\n") {
-            if !is_join_line(&buf[..line]) {
-                return Ok(None);
+        let from = scanned.saturating_sub(3);
+        if !join {
+            if let Some(line) = find(&buf[from..], b"\r\n") {
+                if !is_join_line(&buf[..from + line]) {
+                    return Ok(None);
+                }
+                join = true;
             }
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                return Ok(Some(end + 4));
+        }
+        if join {
+            if let Some(end) = find(&buf[from..], b"\r\n\r\n") {
+                return Ok(Some(from + end + 4));
             }
-            if buf.len() > MAX_JOIN_HEAD {
-                return Ok(None);
-            }
-        } else if buf.len() > MAX_JOIN_HEAD {
+        }
+        if buf.len() > MAX_JOIN_HEAD {
             return Ok(None);
         }
+        scanned = buf.len();
         if tcp.read_buf(buf).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// `GET /v1…` or `GET /pluto/v1…` (the SDK's join paths), with or without a query.
@@ -131,15 +145,10 @@ fn join_upgrade(head: &[u8]) -> Option<(Vec<u8>, JoinParams)> {
 }
 
 /// Plain HTTP on hyper (HTTP/1.1, upgrades for the router's own `/v1`).
-async fn http(
-    state: AppState,
-    router: axum::Router,
-    io: Prefixed,
-    mut stopped: watch::Receiver<bool>,
-) {
+async fn http(router: axum::Router, io: Prefixed, mut stopped: watch::Receiver<bool>) {
     let service = hyper::service::service_fn(move |request| {
-        let (state, router) = (state.clone(), router.clone());
-        async move { Ok::<_, std::convert::Infallible>(respond(state, router, request).await) }
+        let router = router.clone();
+        async move { Ok::<_, std::convert::Infallible>(respond(router, request).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .serve_connection(hyper_util::rt::TokioIo::new(io), service)
@@ -154,25 +163,17 @@ async fn http(
     let _ = connection.await;
 }
 
+/// Through the router, built once (a join this listener did not take itself, such as an
+/// upgrade it would refuse, reaches the gateway's `/v1` route there).
 async fn respond(
-    state: AppState,
     router: axum::Router,
     request: hyper::Request<hyper::body::Incoming>,
 ) -> axum::response::Response {
-    match request.uri().path() {
-        // A join this listener did not take itself (a keep-alive connection's second
-        // request, or an upgrade it would refuse): the gateway still answers it.
-        "/v1" | "/pluto/v1" if request.method() == hyper::Method::GET => {
-            gateway::upgrade_request(state, request.map(axum::body::Body::new))
-        }
-        _ => {
-            use tower_service::Service as _;
-            let mut router = router;
-            match router.call(request).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            }
-        }
+    use tower_service::Service as _;
+    let mut router = router;
+    match router.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
     }
 }
 
@@ -287,6 +288,46 @@ mod tests {
         assert!(join_upgrade(request("").as_bytes()).is_none());
         let head = request("Sec-WebSocket-Version: 13\r\n");
         assert!(join_upgrade(&head.as_bytes()[..head.len() - 2]).is_none());
+    }
+
+    /// `read_head` on what a client sends in pieces of `chunk` bytes.
+    async fn head_of(bytes: &[u8], chunk: usize) -> (Option<usize>, usize) {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let _ = client.set_nodelay(true);
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let bytes = bytes.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in bytes.chunks(chunk) {
+                client.write_all(piece).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let mut buf = Vec::new();
+        let head = read_head(&mut server, &mut buf).await.expect("read");
+        drop(writer.await);
+        (head, buf.len())
+    }
+
+    #[tokio::test]
+    async fn a_join_head_is_found_however_it_is_split() {
+        let head = request("Sec-WebSocket-Version: 13\r\n");
+        let mut bytes = head.clone().into_bytes();
+        // A frame pipelined behind the request stays after the head.
+        bytes.extend_from_slice(&[0x81, 0x80, 0, 0, 0, 0]);
+        for chunk in [1, 2, 3, 7, bytes.len()] {
+            let (end, _) = head_of(&bytes, chunk).await;
+            assert_eq!(end, Some(head.len()), "in pieces of {chunk}");
+        }
+        // Anything else is known from its request line, without waiting for the head.
+        let (end, read) = head_of(b"GET /healthz HTTP/1.1\r\n", 1).await;
+        assert_eq!((end, read), (None, 23));
     }
 
     #[tokio::test]

@@ -482,19 +482,27 @@ impl Store for SqliteStore {
             }
         }
         let mut tx = self.pool.begin().await.map_err(backend)?;
-        if !idle.is_empty() {
-            sqlx::query(MARK_IDLE_MANY)
-                .bind(serde_json::Value::Array(idle).to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        if !active.is_empty() {
-            sqlx::query(MARK_ACTIVE_MANY)
-                .bind(serde_json::Value::Object(active).to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
+        // Idle first: a space that went idle and active again gets its new session.
+        let statements = [
+            (
+                MARK_IDLE_MANY,
+                !idle.is_empty(),
+                serde_json::Value::Array(idle),
+            ),
+            (
+                MARK_ACTIVE_MANY,
+                !active.is_empty(),
+                serde_json::Value::Object(active),
+            ),
+        ];
+        for (sql, any, spaces) in statements {
+            if any {
+                sqlx::query(sql)
+                    .bind(spaces.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+            }
         }
         tx.commit().await.map_err(backend)
     }

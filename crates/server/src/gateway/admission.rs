@@ -70,14 +70,14 @@ pub struct JoinParams {
     display_name: Option<String>,
 }
 
-/// The router's handler for `/v1`; [`crate::run`] calls [`upgrade_request`] directly.
-pub async fn upgrade(State(state): State<AppState>, request: axum::extract::Request) -> Response {
-    upgrade_request(state, request)
-}
-
-/// Answers a join's HTTP request: 101 and the join on its own task, or the HTTP error of a
-/// request that is not a WebSocket upgrade.
-pub fn upgrade_request(state: AppState, mut request: axum::extract::Request) -> Response {
+/// The router's `/v1`: 101 and the join on its own task, or the HTTP error of a request that
+/// is not a WebSocket upgrade. Joins on a fresh connection are answered before the router
+/// by `crate::listen`; this one answers the rest (an upgrade that listener refused, a join
+/// on a keep-alive connection).
+pub async fn upgrade(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+) -> Response {
     // A malformed query still upgrades, and the missing token is refused in-protocol.
     let params = Query::<JoinParams>::try_from_uri(request.uri())
         .map(|Query(p)| p)

@@ -32,7 +32,7 @@ use spacegate_signaling::SpaceConfig;
 use crate::media::{MediaEvent, MediaEvents};
 
 pub(crate) use admission::join;
-pub use admission::{JoinParams, upgrade, upgrade_request};
+pub use admission::{JoinParams, upgrade};
 /// The largest message a client may send.
 pub(crate) use spacegate_proto::signaling::MAX_FRAME_BYTES;
 pub(crate) use ws::{Ws, switching_protocols};
