@@ -290,17 +290,23 @@ mod tests {
         assert!(join_upgrade(&head.as_bytes()[..head.len() - 2]).is_none());
     }
 
-    /// `read_head` on what a client sends in pieces of `chunk` bytes.
-    async fn head_of(bytes: &[u8], chunk: usize) -> (Option<usize>, usize) {
-        use tokio::io::AsyncWriteExt as _;
+    /// A connected (client, server) pair on loopback.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    /// `read_head` on what a client sends in pieces of `chunk` bytes.
+    async fn head_of(bytes: &[u8], chunk: usize) -> (Option<usize>, usize) {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut client, mut server) = tcp_pair().await;
         let _ = client.set_nodelay(true);
-        let (mut server, _) = listener.accept().await.expect("accept");
         let bytes = bytes.to_vec();
         let writer = tokio::spawn(async move {
             for piece in bytes.chunks(chunk) {
@@ -333,13 +339,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_read_ahead_are_read_again_first() {
         use tokio::io::AsyncWriteExt as _;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
+        let (mut client, server) = tcp_pair().await;
         client.write_all(b" world").await.expect("write");
         drop(client);
         let mut io = Prefixed {
