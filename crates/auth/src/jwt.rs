@@ -16,11 +16,17 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub struct VerifyOptions {
     /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
     pub leeway_secs: u64,
+    /// Extra seconds past `exp` (and only `exp`) that a token stays acceptable: the
+    /// reconnect grace, for an SDK that reconnects with the token it joined with.
+    pub expiry_grace_secs: u64,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
-        Self { leeway_secs: 30 }
+        Self {
+            leeway_secs: 30,
+            expiry_grace_secs: 0,
+        }
     }
 }
 
@@ -167,14 +173,26 @@ impl<'a> UnverifiedToken<'a> {
         match &c.aud {
             None => return Err(AuthError::MissingClaim { claim: "aud" }),
             Some(Value::String(a)) if a == "rt" => {}
-            Some(Value::Array(a)) if a.len() == 1 && a[0] == "rt" => {}
-            Some(Value::String(_)) | Some(Value::Array(_)) => return Err(AuthError::WrongAudience),
+            Some(Value::String(_)) => return Err(AuthError::WrongAudience),
+            // RFC 7519 §4.1.3: with several audiences, the recipient must find itself
+            // among them. Every member must still be a string: a malformed list is not
+            // read past.
+            Some(Value::Array(list)) => {
+                if !list.iter().all(Value::is_string) {
+                    return Err(AuthError::WrongClaimType { claim: "aud" });
+                }
+                if !list.iter().any(|a| a == "rt") {
+                    return Err(AuthError::WrongAudience);
+                }
+            }
             Some(_) => return Err(AuthError::WrongClaimType { claim: "aud" }),
         }
         let now_f = now as f64;
         let leeway = options.leeway_secs as f64;
         let exp = opt_time("exp", &c.exp)?.ok_or(AuthError::MissingClaim { claim: "exp" })?;
-        if exp + leeway <= now_f {
+        // The reconnect grace stretches `exp` only: a token that is not valid yet is no
+        // more valid for being a reconnect.
+        if exp + leeway + options.expiry_grace_secs as f64 <= now_f {
             return Err(AuthError::Expired);
         }
         if let Some(nbf) = opt_time("nbf", &c.nbf)?

@@ -395,11 +395,25 @@ fn hostile_tokens_are_refused_for_the_right_reason() {
             AuthError::WrongAudience,
         ),
         (
-            "aud two entries",
+            "aud array without rt",
             fx.claims(|c| {
-                c.insert("aud".into(), json!(["rt", "video"]));
+                c.insert("aud".into(), json!(["video", "rtc", "RT"]));
             }),
             AuthError::WrongAudience,
+        ),
+        (
+            "aud array with a non-string member",
+            fx.claims(|c| {
+                c.insert("aud".into(), json!(["rt", 1]));
+            }),
+            claim_type("aud"),
+        ),
+        (
+            "aud array with a nested array",
+            fx.claims(|c| {
+                c.insert("aud".into(), json!([["rt"]]));
+            }),
+            claim_type("aud"),
         ),
         (
             "aud empty array",
@@ -626,12 +640,25 @@ fn boundaries_that_must_pass() {
     ));
     assert_eq!(c.role, spacegate_proto::Role::Publisher);
     assert_eq!(c.participant_id, None);
+    // RFC 7519 §4.1.3: "rt" among several audiences, in any position.
+    for aud in [
+        json!(["rt", "video"]),
+        json!(["video", "rt"]),
+        json!(["a", "rt", "b"]),
+    ] {
+        ok(fx.claims(|c| {
+            c.insert("aud".into(), aud.clone());
+        }));
+    }
     // Same kid in both places.
     ok(fx.claims(|c| {
         c.insert("kid".into(), json!("K1"));
     }));
     // A leeway of zero is exact.
-    let strict = VerifyOptions { leeway_secs: 0 };
+    let strict = VerifyOptions {
+        leeway_secs: 0,
+        expiry_grace_secs: 0,
+    };
     let t = fx.claims(|c| {
         c.insert("exp".into(), json!(NOW));
     });
@@ -640,4 +667,39 @@ fn boundaries_that_must_pass() {
         c.insert("exp".into(), json!(NOW + 1));
     });
     verify(&t, &fx.keys, NOW, &strict).expect("one second left");
+}
+
+#[test]
+fn the_expiry_grace_stretches_exp_and_nothing_else() {
+    let fx = Fixture::new();
+    let grace = VerifyOptions {
+        leeway_secs: 0,
+        expiry_grace_secs: 300,
+    };
+    // Expired four minutes ago: inside a five-minute grace, refused without it.
+    let t = fx.claims(|c| {
+        c.insert("exp".into(), json!(NOW - 240));
+    });
+    verify(&t, &fx.keys, NOW, &grace).expect("within the grace");
+    let strict = VerifyOptions {
+        leeway_secs: 0,
+        expiry_grace_secs: 0,
+    };
+    assert_eq!(verify(&t, &fx.keys, NOW, &strict), Err(AuthError::Expired));
+    // `nbf` and `iat` four minutes ahead stay refused with the grace: a reconnect makes
+    // no token valid earlier.
+    let t = fx.claims(|c| {
+        c.insert("nbf".into(), json!(NOW + 240));
+    });
+    assert_eq!(
+        verify(&t, &fx.keys, NOW, &grace),
+        Err(AuthError::NotYetValid)
+    );
+    let t = fx.claims(|c| {
+        c.insert("iat".into(), json!(NOW + 240));
+    });
+    assert_eq!(
+        verify(&t, &fx.keys, NOW, &grace),
+        Err(AuthError::IssuedInFuture)
+    );
 }

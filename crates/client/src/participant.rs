@@ -58,6 +58,8 @@ pub struct Participant {
     backlog: VecDeque<Envelope<ServerMessage>>,
     sub_offers: u64,
     last_answer: String,
+    last_offer: String,
+    last_sub_answer: String,
 }
 
 impl Participant {
@@ -73,6 +75,8 @@ impl Participant {
             backlog: VecDeque::new(),
             sub_offers: 0,
             last_answer: String::new(),
+            last_offer: String::new(),
+            last_sub_answer: String::new(),
         };
         for offer in sfus {
             p.answer_sub_offer(&offer).await?;
@@ -89,6 +93,16 @@ impl Participant {
         &self.last_answer
     }
 
+    /// Our latest `offer` on the publisher PC.
+    pub fn last_offer(&self) -> &str {
+        &self.last_offer
+    }
+
+    /// Our latest answer on the subscriber PC.
+    pub fn last_sub_answer(&self) -> &str {
+        &self.last_sub_answer
+    }
+
     /// How many `sub_offer`s (after the one in `joined`) were answered.
     pub fn sub_offers(&self) -> u64 {
         self.sub_offers
@@ -96,6 +110,7 @@ impl Participant {
 
     async fn answer_sub_offer(&mut self, offer: &SfuDescription) -> anyhow::Result<()> {
         let sdp = self.sub.handle_offer(&offer.sdp).await?;
+        self.last_sub_answer.clone_from(&sdp);
         self.session
             .send(
                 ClientMessage::SubAnswer(SfuDescription {
@@ -238,6 +253,7 @@ impl Participant {
     }
 
     async fn negotiate(&mut self, pc: &PubPc, offer: String) -> anyhow::Result<()> {
+        self.last_offer.clone_from(&offer);
         self.session.send(ClientMessage::Offer(offer), None).await?;
         loop {
             let m = self

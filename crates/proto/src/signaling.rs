@@ -20,6 +20,31 @@ pub const MAX_DISPLAY_NAME: usize = 64;
 /// Longest custom-event payload, in bytes, as the SDK enforces client-side.
 pub const MAX_CUSTOM_EVENT_PAYLOAD: usize = 4096;
 
+// Caps on every other client string or list that is fanned out, stored or echoed, checked
+// when a frame is decoded ([`Envelope::decode_client`]): without them one frame just under
+// `MAX_FRAME_BYTES` could carry a 256 KiB `id` that a space copies to 99 others, ten times
+// a second. Each is far above what the SDK sends (UUIDs, browser mids, a few tracks).
+
+/// Longest `request_id` (the SDK's are UUIDs, 36 bytes), in bytes.
+pub const MAX_REQUEST_ID: usize = 128;
+/// Longest custom-event `id` (the SDK's are UUIDs), in bytes.
+pub const MAX_CUSTOM_EVENT_ID: usize = 128;
+/// Longest track id (`pending_track`, `mute_track`, subscriptions), in bytes: it becomes an
+/// SDP msid, which allows 64.
+pub const MAX_TRACK_ID: usize = 64;
+/// Longest track `name` in `pending_track` (sent to everyone in `add_track`), in bytes.
+pub const MAX_TRACK_NAME: usize = 256;
+/// Longest `mid` (browsers use small integers), in bytes: the SFU's mids hold 16.
+pub const MAX_MID: usize = 16;
+/// Longest SDP in `offer` and `sub_answer`, in bytes: some 60 m-sections.
+pub const MAX_SDP_BYTES: usize = 192 * 1024;
+/// Longest ICE candidate line, `sdp_mid`, `username_fragment` or `sfu_id`, in bytes.
+pub const MAX_CANDIDATE_BYTES: usize = 1024;
+/// Most connections named in one `subscribe_tracks` / `unsubscribe_tracks`.
+pub const MAX_SUBSCRIBE_CONNECTIONS: usize = 100;
+/// Most track ids per connection in one `subscribe_tracks` / `unsubscribe_tracks`.
+pub const MAX_SUBSCRIBE_TRACKS: usize = 16;
+
 // ---------------------------------------------------------------------------------------
 // Integer enums
 
@@ -427,6 +452,80 @@ pub enum DecodeError {
     UnknownType(String),
     #[error("invalid {kind} payload: {reason}")]
     BadPayload { kind: String, reason: String },
+    #[error("{what} is longer than {max} bytes")]
+    TooLong { what: &'static str, max: usize },
+    #[error("{what} has more than {max} entries")]
+    TooMany { what: &'static str, max: usize },
+}
+
+fn cap(what: &'static str, value: &str, max: usize) -> Result<(), DecodeError> {
+    if value.len() > max {
+        return Err(DecodeError::TooLong { what, max });
+    }
+    Ok(())
+}
+
+impl ClientMessage {
+    /// Checks every client-controlled string and list against its cap (the `MAX_*`
+    /// constants), so nothing oversized is stored or fanned out.
+    pub fn check_caps(&self) -> Result<(), DecodeError> {
+        match self {
+            ClientMessage::Offer(sdp) => cap("offer SDP", sdp, MAX_SDP_BYTES),
+            ClientMessage::SubAnswer(d) => {
+                cap("sfu_id", &d.sfu_id, MAX_CANDIDATE_BYTES)?;
+                cap("sub_answer SDP", &d.sdp, MAX_SDP_BYTES)
+            }
+            ClientMessage::Candidate(c) => {
+                cap("candidate", &c.candidate.candidate, MAX_CANDIDATE_BYTES)?;
+                cap("sfu_id", &c.sfu_id, MAX_CANDIDATE_BYTES)?;
+                for v in [&c.candidate.sdp_mid, &c.candidate.username_fragment]
+                    .into_iter()
+                    .flatten()
+                {
+                    cap("candidate field", v, MAX_CANDIDATE_BYTES)?;
+                }
+                Ok(())
+            }
+            ClientMessage::PendingTrack(p) => {
+                cap("track id", &p.tid, MAX_TRACK_ID)?;
+                cap("track name", &p.name, MAX_TRACK_NAME)?;
+                cap("track source", &p.source, MAX_TRACK_NAME)?;
+                cap("mid", &p.mid, MAX_MID)
+            }
+            ClientMessage::MuteTrack(tid) | ClientMessage::UnmuteTrack(tid) => {
+                cap("track id", tid, MAX_TRACK_ID)
+            }
+            ClientMessage::SubscribeTracks(r) | ClientMessage::UnsubscribeTracks(r) => {
+                if r.connections.len() > MAX_SUBSCRIBE_CONNECTIONS {
+                    return Err(DecodeError::TooMany {
+                        what: "connections",
+                        max: MAX_SUBSCRIBE_CONNECTIONS,
+                    });
+                }
+                for c in &r.connections {
+                    cap("connection_id", &c.connection_id, crate::ids::MAX_ID_LEN)?;
+                    if c.track_ids.len() > MAX_SUBSCRIBE_TRACKS {
+                        return Err(DecodeError::TooMany {
+                            what: "track_ids",
+                            max: MAX_SUBSCRIBE_TRACKS,
+                        });
+                    }
+                    for t in &c.track_ids {
+                        cap("track id", t, MAX_TRACK_ID)?;
+                    }
+                }
+                Ok(())
+            }
+            // Counted in UTF-16 units by the space, which answers with the SDK's own
+            // error type; this only stops what could never pass.
+            ClientMessage::SetDisplayName(n) => cap("display name", n, MAX_DISPLAY_NAME * 4),
+            ClientMessage::CustomEvent(e) => {
+                cap("custom event id", &e.id, MAX_CUSTOM_EVENT_ID)?;
+                // The space answers an oversized payload with the SDK's custom-event error.
+                Ok(())
+            }
+        }
+    }
 }
 
 impl<M: Serialize> Envelope<M> {
@@ -520,8 +619,15 @@ pub const SERVER_MESSAGE_TYPES: &[&str] = &[
 ];
 
 impl Envelope<ClientMessage> {
+    /// Decodes a client frame and checks its caps (`request_id` and
+    /// [`ClientMessage::check_caps`]).
     pub fn decode_client(text: &str) -> Result<Self, DecodeError> {
-        Self::decode(text, CLIENT_MESSAGE_TYPES)
+        let envelope = Self::decode(text, CLIENT_MESSAGE_TYPES)?;
+        if let Some(r) = &envelope.request_id {
+            cap("request_id", r, MAX_REQUEST_ID)?;
+        }
+        envelope.message.check_caps()?;
+        Ok(envelope)
     }
 }
 

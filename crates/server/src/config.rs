@@ -27,6 +27,12 @@ pub struct FileConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub ice_servers: Option<Vec<IceServerConfig>>,
     pub simulcast: Option<SimulcastConfig>,
+    pub max_connections: Option<usize>,
+    pub join_rate_per_ip: Option<u32>,
+    pub join_burst_per_ip: Option<u32>,
+    pub trust_forwarded_for: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Simulcast layers the SDK is told to send (`joined.simulcast`), lowest first.
@@ -126,6 +132,23 @@ pub struct Config {
     pub ice_servers: Vec<IceServerConfig>,
     /// Empty (the default): browsers send one encoding per video track.
     pub simulcast: SimulcastConfig,
+    /// Most WebSocket connections at once; `None`: derived from the open-file limit.
+    pub max_connections: Option<usize>,
+    /// Joins per second from one source address (0: no limit), in bursts of
+    /// `join_burst_per_ip`.
+    pub join_rate_per_ip: u32,
+    pub join_burst_per_ip: u32,
+    /// Take a join's source address from `X-Forwarded-For` (behind a trusted proxy only).
+    pub trust_forwarded_for: bool,
+    /// PEM certificate chain and private key: HTTPS and WSS on the listener (both or
+    /// neither). Re-read on SIGHUP.
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Values from flags or environment variables (clap merges those two).
@@ -139,16 +162,44 @@ pub struct Overrides {
     pub media_listen: Option<SocketAddr>,
     pub media_public_ip: Option<IpAddr>,
     pub metrics_listen: Option<SocketAddr>,
+    pub max_connections: Option<usize>,
+    pub join_rate_per_ip: Option<u32>,
+    pub join_burst_per_ip: Option<u32>,
+    pub trust_forwarded_for: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
-    pub fn resolve(file: FileConfig, over: Overrides) -> Config {
+    pub fn resolve(file: FileConfig, over: Overrides) -> Result<Config, String> {
+        let tls = match (
+            over.tls_cert.or(file.tls_cert),
+            over.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err("tls_cert and tls_key go together: give both or neither".into()),
+        };
         let listen = over.listen.or(file.listen).unwrap_or_else(|| {
             DEFAULT_LISTEN
                 .parse()
                 .expect("default listen address is valid")
         });
-        Config {
+        Ok(Config {
+            tls,
+            max_connections: over.max_connections.or(file.max_connections),
+            join_rate_per_ip: over
+                .join_rate_per_ip
+                .or(file.join_rate_per_ip)
+                .unwrap_or(crate::gateway::DEFAULT_JOIN_RATE_PER_IP),
+            join_burst_per_ip: over
+                .join_burst_per_ip
+                .or(file.join_burst_per_ip)
+                .unwrap_or(crate::gateway::DEFAULT_JOIN_BURST_PER_IP),
+            trust_forwarded_for: over
+                .trust_forwarded_for
+                .or(file.trust_forwarded_for)
+                .unwrap_or(false),
             listen,
             media_listen: over.media_listen.or(file.media_listen).unwrap_or(listen),
             media_public_ip: over.media_public_ip.or(file.media_public_ip),
@@ -168,7 +219,7 @@ impl Config {
                 .max_participants
                 .or(file.max_participants)
                 .unwrap_or(DEFAULT_MAX_PARTICIPANTS),
-        }
+        })
     }
 }
 
@@ -197,6 +248,25 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_both_files() {
+        let over = Overrides {
+            tls_cert: Some("/c.pem".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), over).expect_err("half a TLS setup");
+        assert!(err.contains("tls_key"), "{err}");
+        let file = FileConfig::parse("tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"").expect("valid");
+        let c = Config::resolve(file, Overrides::default()).expect("valid");
+        assert_eq!(
+            c.tls,
+            Some(TlsFiles {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into()
+            })
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = FileConfig::parse("listn = \"127.0.0.1:1\"").expect_err("typo must fail");
         assert!(err.contains("listn"), "{err}");
@@ -210,11 +280,11 @@ mod tests {
             data_dir: Some("/flag".into()),
             ..Default::default()
         };
-        let c = Config::resolve(file, over);
+        let c = Config::resolve(file, over).expect("valid");
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.data_dir, PathBuf::from("/flag"));
         assert_eq!(c.environment, DEFAULT_ENVIRONMENT);
-        let d = Config::resolve(FileConfig::default(), Overrides::default());
+        let d = Config::resolve(FileConfig::default(), Overrides::default()).expect("valid");
         assert_eq!(d.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(
             d.media_listen, d.listen,

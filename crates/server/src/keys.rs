@@ -2,16 +2,23 @@
 //! environment. Every join needs both; asking SQLite each time cost more than the RSA
 //! verification itself (a thread hop per query).
 //!
-//! Correctness rules: a created key or space is visible at once (a miss always asks the
-//! store; there is no negative caching), and a deleted one is refused at once (the API
-//! handler invalidates right after the store delete, and a lookup racing with that delete
-//! cannot put it back: see [`Cache::epoch`]).
+//! Correctness rules: a created key or space is visible at once, and a deleted one is
+//! refused at once (the API handler invalidates right after the store delete, and a lookup
+//! racing with that delete cannot put it back: see [`Cache::epoch`]).
+//!
+//! Unknown `kid`s: a stranger can put any `kid` in a token, and each new one would be a
+//! store query. So a `kid` the store did not have is remembered as missing for
+//! [`MISSING_KID_TTL`] (a key created on this node clears that at once; one created on
+//! another node of a cluster is seen after at most the TTL), and lookups of `kid`s not
+//! cached either way are capped at [`KID_LOOKUPS_PER_SECOND`]: beyond, the join is refused
+//! with "try again" without a query, so random `kid`s cannot turn joins into store load.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use spacegate_auth::PublicKey;
 use spacegate_proto::{EnvironmentId, KeyId, SpaceId};
@@ -95,13 +102,53 @@ pub enum KeyLookupError {
     Store(#[from] StoreError),
     #[error("stored public key of {0} does not parse")]
     BadStoredKey(KeyId),
+    /// Too many lookups of uncached `kid`s this second.
+    #[error("too many lookups of unknown signing keys")]
+    Busy,
 }
 
+/// How long a `kid` the store did not have is answered "unknown" without asking again.
+pub const MISSING_KID_TTL: Duration = Duration::from_secs(10);
+/// Store lookups per second for `kid`s not cached (burst: the same number).
+pub const KID_LOOKUPS_PER_SECOND: u32 = 50;
+/// Most `kid`s remembered as missing; past it the expired ones are swept, and if none
+/// were, the oldest half goes.
+const MAX_MISSING_KIDS: usize = 10_000;
+
 /// Everything the join check looks up, cached.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KeyCache {
     pub keys: Cache<KeyId, CachedKey>,
     pub spaces: Cache<SpaceId, EnvironmentId>,
+    /// `kid` → when it was found missing.
+    missing: Mutex<HashMap<KeyId, Instant>>,
+    lookups: Mutex<spacegate_signaling::TokenBucket>,
+    in_flight: Mutex<HashMap<KeyId, Arc<tokio::sync::Mutex<()>>>>,
+    started: Instant,
+    /// Store queries made for `kid`s, for tests and metrics.
+    store_lookups: AtomicU64,
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        KeyCache {
+            keys: Cache::default(),
+            spaces: Cache::default(),
+            missing: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(spacegate_signaling::TokenBucket::new(
+                KID_LOOKUPS_PER_SECOND,
+                KID_LOOKUPS_PER_SECOND,
+                0,
+            )),
+            in_flight: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            store_lookups: AtomicU64::new(0),
+        }
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl KeyCache {
@@ -110,10 +157,53 @@ impl KeyCache {
         store: &dyn Store,
         kid: &KeyId,
     ) -> Result<Option<Arc<CachedKey>>, KeyLookupError> {
-        self.keys
+        if let Some(hit) = self.keys.read_map().get(kid) {
+            return Ok(Some(hit.clone()));
+        }
+        // One lookup per kid at a time: a crowd joining with a key not cached yet (after a
+        // restart) waits for the first one's answer instead of each asking the store (and
+        // using up the lookup cap meant for strangers' random kids).
+        let gate = locked(&self.in_flight)
+            .entry(kid.clone())
+            .or_default()
+            .clone();
+        let found = {
+            let _turn = gate.lock().await;
+            self.lookup(store, kid).await
+        };
+        let mut in_flight = locked(&self.in_flight);
+        // The last one out removes the gate (the map holds one reference, `gate` another).
+        if Arc::strong_count(&gate) == 2 {
+            in_flight.remove(kid);
+        }
+        found
+    }
+
+    async fn lookup(
+        &self,
+        store: &dyn Store,
+        kid: &KeyId,
+    ) -> Result<Option<Arc<CachedKey>>, KeyLookupError> {
+        if let Some(hit) = self.keys.read_map().get(kid) {
+            return Ok(Some(hit.clone()));
+        }
+        let now = Instant::now();
+        if locked(&self.missing)
+            .get(kid)
+            .is_some_and(|at| now.duration_since(*at) < MISSING_KID_TTL)
+        {
+            return Ok(None);
+        }
+        let ms = u64::try_from(now.duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+        if !locked(&self.lookups).try_take(ms) {
+            return Err(KeyLookupError::Busy);
+        }
+        self.store_lookups.fetch_add(1, Ordering::Relaxed);
+        let found = self
+            .keys
             .get_or_load(kid, || async {
                 let Some(record) = store.signing_key_any_environment(kid).await? else {
-                    return Ok(None);
+                    return Ok::<_, KeyLookupError>(None);
                 };
                 let key = PublicKey::from_der(&record.public_key_der)
                     .map_err(|_| KeyLookupError::BadStoredKey(kid.clone()))?;
@@ -122,7 +212,45 @@ impl KeyCache {
                     key,
                 }))
             })
-            .await
+            .await?;
+        if found.is_none() {
+            self.remember_missing(kid, now);
+        }
+        Ok(found)
+    }
+
+    fn remember_missing(&self, kid: &KeyId, now: Instant) {
+        let mut missing = locked(&self.missing);
+        if missing.len() >= MAX_MISSING_KIDS {
+            missing.retain(|_, at| now.duration_since(*at) < MISSING_KID_TTL);
+            if missing.len() >= MAX_MISSING_KIDS / 2 {
+                // All fresh: a flood of random kids. Forgetting is safe (it only costs a
+                // lookup, which the rate cap still bounds).
+                missing.clear();
+            }
+        }
+        missing.insert(kid.clone(), now);
+    }
+
+    /// A key was just created on this node (and committed): cached at once, so its first
+    /// joins need no lookup (none is needed, and under a flood of random kids one might be
+    /// refused), and never "unknown" from an earlier miss.
+    pub fn created(&self, record: &spacegate_store::SigningKeyRecord) {
+        locked(&self.missing).remove(&record.id);
+        if let Ok(key) = PublicKey::from_der(&record.public_key_der) {
+            self.keys.write_map().insert(
+                record.id.clone(),
+                Arc::new(CachedKey {
+                    environment_id: record.environment_id.clone(),
+                    key,
+                }),
+            );
+        }
+    }
+
+    /// Store queries made for `kid`s so far.
+    pub fn store_lookups(&self) -> u64 {
+        self.store_lookups.load(Ordering::Relaxed)
     }
 
     /// The environment of an existing space.

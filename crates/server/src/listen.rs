@@ -10,6 +10,7 @@
 //! hyper with the bytes already read, so it is answered exactly as before.
 
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -23,8 +24,6 @@ use tokio::sync::watch;
 use crate::AppState;
 use crate::gateway::{self, JoinParams};
 
-/// A client must finish its request head within this (slowloris).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A join's request head larger than this is left to hyper (which refuses it). A token is
 /// about 1 KB; browsers add cookies and a dozen headers.
 const MAX_JOIN_HEAD: usize = 64 * 1024;
@@ -39,16 +38,19 @@ pub(crate) async fn connection(
     stopped: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
+    let head_timeout = state.gateway.config.head_timeout;
+    let peer = tcp.peer_addr().ok().map(|a| a.ip());
     let mut buf = Vec::with_capacity(2048);
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp, &mut buf)).await {
+    let head = match tokio::time::timeout(head_timeout, read_head(&mut tcp, &mut buf)).await {
         Ok(Ok(head)) => head,
         // Gone, or too slow to say what it wants.
         Ok(Err(_)) | Err(_) => return,
     };
     // A join we admit here; anything else (not a join, or an upgrade we would refuse)
     // hyper answers as it would any request.
+    let trust = state.gateway.config.trust_forwarded_for;
     if let Some((end, (response, params))) =
-        head.and_then(|end| Some((end, join_upgrade(&buf[..end])?)))
+        head.and_then(|end| Some((end, join_upgrade(&buf[..end], peer, trust)?)))
     {
         drop(stopped);
         let read_ahead = buf.split_off(end);
@@ -68,7 +70,7 @@ pub(crate) async fn connection(
         at: 0,
         inner: tcp,
     };
-    http(router, io, stopped).await;
+    http(router, io, stopped, peer, head_timeout).await;
 }
 
 /// Reads until the request line shows whether this is a join. For a join, reads its whole
@@ -122,7 +124,11 @@ fn is_join_line(line: &[u8]) -> bool {
 
 /// A join request we answer ourselves: its 101 response and its query. `None` for
 /// anything hyper should answer (malformed, not a valid upgrade).
-fn join_upgrade(head: &[u8]) -> Option<(Vec<u8>, JoinParams)> {
+fn join_upgrade(
+    head: &[u8],
+    peer: Option<IpAddr>,
+    trust_forwarded_for: bool,
+) -> Option<(Vec<u8>, JoinParams)> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     if !matches!(request.parse(head), Ok(httparse::Status::Complete(_)))
@@ -138,19 +144,34 @@ fn join_upgrade(head: &[u8]) -> Option<(Vec<u8>, JoinParams)> {
     let response = gateway::switching_protocols(&Method::GET, &map).ok()?;
     let uri: Uri = request.path?.parse().ok()?;
     // A malformed query still upgrades, and the missing token is refused in-protocol.
-    let params = Query::<JoinParams>::try_from_uri(&uri)
+    let mut params = Query::<JoinParams>::try_from_uri(&uri)
         .map(|Query(p)| p)
         .unwrap_or_default();
+    let forwarded = map.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    params.source = gateway::source_address(peer, forwarded, trust_forwarded_for);
     Some((response, params))
 }
 
 /// Plain HTTP on hyper (HTTP/1.1, upgrades for the router's own `/v1`).
-async fn http(router: axum::Router, io: Prefixed, mut stopped: watch::Receiver<bool>) {
-    let service = hyper::service::service_fn(move |request| {
+async fn http(
+    router: axum::Router,
+    io: Prefixed,
+    mut stopped: watch::Receiver<bool>,
+    peer: Option<IpAddr>,
+    head_timeout: Duration,
+) {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
         let router = router.clone();
+        if let Some(ip) = peer {
+            request.extensions_mut().insert(gateway::PeerIp(ip));
+        }
         async move { Ok::<_, std::convert::Infallible>(respond(router, request).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
+        // Every request head, the first one included (its request line may have come in
+        // alone), must arrive within the timeout (slowloris). Needs hyper's timer.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_timeout)
         .serve_connection(hyper_util::rt::TokioIo::new(io), service)
         .with_upgrades();
     let mut connection = std::pin::pin!(connection);
@@ -272,7 +293,7 @@ mod tests {
     #[test]
     fn a_valid_upgrade_is_answered_here_with_the_rfc_accept_key() {
         let head = request("Sec-WebSocket-Version: 13\r\n");
-        let (response, _params) = join_upgrade(head.as_bytes()).expect("taken");
+        let (response, _params) = join_upgrade(head.as_bytes(), None, false).expect("taken");
         let response = String::from_utf8(response).expect("text");
         assert!(response.starts_with("HTTP/1.1 101 "), "{response}");
         // RFC 6455 §1.3's worked example.
@@ -284,10 +305,17 @@ mod tests {
     fn upgrades_we_would_refuse_are_left_to_hyper() {
         // Wrong version, missing headers, an unfinished head: hyper answers those (with
         // the same HTTP errors as before).
-        assert!(join_upgrade(request("Sec-WebSocket-Version: 8\r\n").as_bytes()).is_none());
-        assert!(join_upgrade(request("").as_bytes()).is_none());
+        assert!(
+            join_upgrade(
+                request("Sec-WebSocket-Version: 8\r\n").as_bytes(),
+                None,
+                false
+            )
+            .is_none()
+        );
+        assert!(join_upgrade(request("").as_bytes(), None, false).is_none());
         let head = request("Sec-WebSocket-Version: 13\r\n");
-        assert!(join_upgrade(&head.as_bytes()[..head.len() - 2]).is_none());
+        assert!(join_upgrade(&head.as_bytes()[..head.len() - 2], None, false).is_none());
     }
 
     /// A connected (client, server) pair on loopback.

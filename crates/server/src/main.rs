@@ -78,6 +78,25 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
     #[arg(long, env = "SPACEGATE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Most WebSocket connections at once; beyond, joins are told to try again
+    /// [default: the open-file limit less 256].
+    #[arg(long, env = "SPACEGATE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Joins per second one source address may start; 0 for no limit [default: 20].
+    #[arg(long, env = "SPACEGATE_JOIN_RATE_PER_IP")]
+    join_rate_per_ip: Option<u32>,
+    /// Burst of joins one source address may start at once [default: 200].
+    #[arg(long, env = "SPACEGATE_JOIN_BURST_PER_IP")]
+    join_burst_per_ip: Option<u32>,
+    /// Take a join's source address from X-Forwarded-For (only behind a trusted proxy).
+    #[arg(long, env = "SPACEGATE_TRUST_FORWARDED_FOR")]
+    trust_forwarded_for: Option<bool>,
+    /// PEM certificate chain: serve HTTPS and WSS (with --tls-key); re-read on SIGHUP.
+    #[arg(long, env = "SPACEGATE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SPACEGATE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,8 +174,14 @@ fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> Result<Config> {
         media_listen: serve.and_then(|s| s.media_listen),
         media_public_ip: serve.and_then(|s| s.media_public_ip),
         metrics_listen: serve.and_then(|s| s.metrics_listen),
+        max_connections: serve.and_then(|s| s.max_connections),
+        join_rate_per_ip: serve.and_then(|s| s.join_rate_per_ip),
+        join_burst_per_ip: serve.and_then(|s| s.join_burst_per_ip),
+        trust_forwarded_for: serve.and_then(|s| s.trust_forwarded_for),
+        tls_cert: serve.and_then(|s| s.tls_cert.clone()),
+        tls_key: serve.and_then(|s| s.tls_key.clone()),
     };
-    Ok(Config::resolve(file, over))
+    Config::resolve(file, over).map_err(|e| anyhow::anyhow!(e))
 }
 
 async fn open_store(config: &Config) -> Result<SqliteStore> {
@@ -186,14 +211,7 @@ async fn main() -> Result<()> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = load_config(&args.store, Some(&args))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .with_context(|| format!("invalid log filter {:?}", config.log))?,
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(&config.log)?;
     let store = open_store(&config).await?;
     let mut out = std::io::stdout().lock();
     if let Some(token) = tokens::bootstrap(&store, &config.environment, now_secs()).await? {
@@ -241,6 +259,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 listen: media_listen,
                 public_ip: config.media_public_ip,
             },
+            max_connections: config
+                .max_connections
+                .unwrap_or_else(default_max_connections),
+            join_rate_per_ip: config.join_rate_per_ip,
+            join_burst_per_ip: config.join_burst_per_ip,
+            trust_forwarded_for: config.trust_forwarded_for,
             ..GatewayConfig::default()
         },
     )
@@ -283,6 +307,65 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("the server task panicked")??;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The WebRTC stack's crates log ICE credentials (`IceCreds { pass: … }`), SDPs and key
+/// material at debug and trace. Whatever the filter asks for, they log at most at info:
+/// nothing secret may reach a log at any level, and our own crates say at debug what an
+/// operator needs (without the secrets).
+const WIRE_LEVEL_CRATES: &[&str] = &[
+    "str0m",
+    "str0m_proto",
+    "str0m_aws_lc_rs",
+    "is",
+    "dimpl",
+    "sctp_proto",
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "h2",
+];
+
+fn init_logging(filter: &str) -> Result<()> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let wanted = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid log filter {filter:?}"))?;
+    let capped = WIRE_LEVEL_CRATES
+        .iter()
+        .fold(Targets::new().with_default(LevelFilter::TRACE), |t, c| {
+            t.with_target(*c, LevelFilter::INFO)
+        });
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(wanted)
+        .with_filter(capped);
+    tracing_subscriber::registry().with(layer).init();
+    Ok(())
+}
+
+/// The open-file limit less room for everything that is not a client connection (the
+/// store, the media socket, listeners, connections being refused), so that at the limit a
+/// join is told to try again instead of accept() failing without a word to the client.
+fn default_max_connections() -> usize {
+    // The soft limit, from /proc (Linux): the one accept() runs into. Read without
+    // `unsafe` (getrlimit), which this workspace forbids.
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        })
+        .and_then(|v| v.parse::<usize>().ok());
+    match soft {
+        Some(n) => n.saturating_sub(256).max(64),
+        // "unlimited", or not Linux.
+        None => spacegate_server::gateway::DEFAULT_MAX_CONNECTIONS,
+    }
 }
 
 fn encodings(layers: &[spacegate_server::config::EncodingConfig]) -> Vec<SignalEncoding> {

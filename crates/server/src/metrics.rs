@@ -28,8 +28,11 @@ pub enum JoinOutcome {
     BadRequest,
     Duplicate,
     SpaceFull,
-    /// The node is saturated (media queue): the SDK is told to try again.
+    /// The node is saturated (media queue, connection limit): the SDK is told to try
+    /// again.
     Overloaded,
+    /// The source address started too many joins.
+    RateLimited,
     /// Our own failure (store, registry).
     Unavailable,
 }
@@ -44,6 +47,7 @@ impl JoinOutcome {
             JoinOutcome::Duplicate => "duplicate",
             JoinOutcome::SpaceFull => "space_full",
             JoinOutcome::Overloaded => "overloaded",
+            JoinOutcome::RateLimited => "rate_limited",
             JoinOutcome::Unavailable => "unavailable",
         }
     }

@@ -388,6 +388,58 @@ async fn reconnect_replaces_the_stale_connection() {
 }
 
 #[tokio::test]
+async fn a_reconnect_id_resumes_only_an_identity_its_token_held() {
+    let fx = Fx::new().await;
+    let reconnect = |id: &str| JoinOptions {
+        reconnect_id: Some(id.into()),
+        reconnect_attempt: Some(1),
+        ..Default::default()
+    };
+    // A shared, anonymous viewer token naming "host" as its reconnect_id while the host is
+    // away: joined, but as a newcomer with an id of its own, not as the host.
+    let viewer = fx.token(None, Role::Subscriber);
+    let intruder = fx
+        .join_with(&viewer, reconnect("host"))
+        .await
+        .expect("joined as a newcomer");
+    let intruder_id = intruder.joined().participant_id.clone();
+    assert_ne!(intruder_id, "host");
+    assert_eq!(intruder_id.len(), 32, "a generated id");
+    // So the real host still gets in with its own token, and sees the intruder under its
+    // generated id.
+    let host = fx.join("host").await;
+    assert_eq!(host.joined().participant_id, "host");
+    assert!(
+        host.joined()
+            .participants
+            .iter()
+            .any(|p| p.participant_id == intruder_id)
+    );
+    // While the host is here, the anonymous token cannot take it over either.
+    let (kind, message, close) = refused(fx.join_with(&viewer, reconnect("host")).await);
+    assert_eq!((kind, close), (3, Some(4000)), "{message}");
+    // Nor once the host has left: its departure was recorded for its own credential.
+    host.leave().await;
+    let again = fx
+        .join_with(&viewer, reconnect("host"))
+        .await
+        .expect("joined as a newcomer");
+    assert_ne!(again.joined().participant_id, "host");
+
+    // The path the SDK takes: an anonymous participant that dropped comes back with its
+    // token and its id, and resumes that id.
+    let own = fx.token(None, Role::Publisher);
+    let first = fx
+        .join_with(&own, JoinOptions::default())
+        .await
+        .expect("join");
+    let id = first.joined().participant_id.clone();
+    first.leave().await;
+    let back = fx.join_with(&own, reconnect(&id)).await.expect("resume");
+    assert_eq!(back.joined().participant_id, id);
+}
+
+#[tokio::test]
 async fn space_capacity_is_enforced() {
     let fx = Fx::with(GatewayConfig {
         max_participants: 2,
@@ -506,6 +558,46 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
         .set_display_name("still here", "r")
         .await
         .expect("connection still works");
+}
+
+#[tokio::test]
+async fn oversized_strings_are_refused_and_never_fanned_out() {
+    let fx = Fx::new().await;
+    let mut alice = fx.join("alice").await;
+    let mut bob = fx.join("bob").await;
+    let ServerMessage::ParticipantConnected(_) = next_message(&mut alice).await else {
+        panic!("bob connected")
+    };
+    // A custom event whose id is 100 KiB (the frame itself is within the frame cap), and
+    // one with a 100 KiB request_id: each is refused with its cap named, and bob gets
+    // nothing.
+    let huge = "x".repeat(100 * 1024);
+    for (frame, cap) in [
+        (
+            json!({"custom_event": {"id": huge, "payload": "hi", "scope": 1}}),
+            "128",
+        ),
+        (
+            json!({"custom_event": {"id": "e1", "payload": "hi", "scope": 1}, "request_id": huge}),
+            "128",
+        ),
+    ] {
+        alice
+            .send_raw(Message::Text(frame.to_string().into()))
+            .await
+            .expect("send");
+        let ServerMessage::Error(e) = next_message(&mut alice).await else {
+            panic!("an error")
+        };
+        assert!(!e.fatal && e.message.contains(cap), "{}", e.message);
+    }
+    assert!(
+        bob.next_within(Duration::from_millis(200))
+            .await
+            .expect("read")
+            .is_none(),
+        "nothing reached bob"
+    );
 }
 
 #[tokio::test]

@@ -43,6 +43,7 @@ pub async fn run_all(registry: Arc<dyn Registry>, prefix: &str) {
     duplicates_are_refused(registry.as_ref(), prefix).await;
     release_only_by_the_holder(registry.as_ref(), prefix).await;
     reconnect_replaces_a_stale_connection(registry.as_ref(), prefix).await;
+    resume_takes_over_only_what_is_held(registry.as_ref(), prefix).await;
     spaces_have_a_cap(registry.as_ref(), prefix).await;
     concurrent_duplicates_admit_exactly_one(registry, prefix).await;
 }
@@ -146,6 +147,38 @@ pub async fn reconnect_replaces_a_stale_connection(r: &dyn Registry, prefix: &st
         .await
         .expect("reconnect after release");
     assert_eq!(fresh.replaced, None);
+}
+
+/// `Resume` replaces a connection held with the same credential and never claims an
+/// absent participant.
+pub async fn resume_takes_over_only_what_is_held(r: &dyn Registry, prefix: &str) {
+    let s = space(prefix, "resume");
+    assert_eq!(
+        reserve(r, &s, "host", "c1", "anon", ReserveMode::Resume, 10).await,
+        Err(ReserveError::NotHeld)
+    );
+    assert!(r.participants(&s).await.expect("list").is_empty());
+    reserve(r, &s, "host", "c2", "cred-host", ReserveMode::Fresh, 10)
+        .await
+        .expect("the real host");
+    // Another credential cannot take it over.
+    assert_eq!(
+        reserve(r, &s, "host", "c3", "anon", ReserveMode::Resume, 10).await,
+        Err(ReserveError::AlreadyJoined)
+    );
+    let resumed = reserve(r, &s, "host", "c4", "cred-host", ReserveMode::Resume, 10)
+        .await
+        .expect("the same credential resumes");
+    assert_eq!(resumed.replaced, Some(conn("c2")));
+    assert!(
+        r.release(&s, &pid("host"), &conn("c4"))
+            .await
+            .expect("leave")
+    );
+    assert_eq!(
+        reserve(r, &s, "host", "c5", "cred-host", ReserveMode::Resume, 10).await,
+        Err(ReserveError::NotHeld)
+    );
 }
 
 pub async fn spaces_have_a_cap(r: &dyn Registry, prefix: &str) {

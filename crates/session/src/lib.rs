@@ -21,8 +21,16 @@ pub enum ReserveMode {
     Fresh,
     /// The SDK's reconnect (`reconnect_id`): if the participant's old connection is still
     /// registered (the server has not noticed the drop yet), it is replaced, provided the
-    /// newcomer holds the same credential.
+    /// newcomer holds the same credential. If the participant is absent it is simply
+    /// joined: use this only when the credential itself names the participant, or this
+    /// credential held it moments ago.
     Reconnect,
+    /// Take over the participant's registered connection, provided the newcomer holds the
+    /// same credential; refused with [`ReserveError::NotHeld`] if the participant is not
+    /// registered at all. For a credential that does not name the participant (an
+    /// anonymous token's `reconnect_id`): claiming an absent id would let any token take
+    /// any identity.
+    Resume,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +60,8 @@ pub struct Reservation {
 pub enum ReserveError {
     #[error("participant is already connected to this space")]
     AlreadyJoined,
+    #[error("participant is not connected to this space")]
+    NotHeld,
     #[error("the space is full ({max} participants)")]
     SpaceFull { max: u32 },
     #[error("registry backend failed: {0}")]

@@ -19,5 +19,6 @@ mod limiter;
 mod liveness;
 mod space;
 
+pub use limiter::TokenBucket;
 pub use liveness::{FloodGuard, Liveness, LivenessAction};
 pub use space::{Joiner, Output, Space, SpaceConfig};

@@ -82,6 +82,8 @@ pub async fn create(
         created_at: now_secs(),
     };
     state.store.insert_signing_key(&record).await?;
+    // A token with this kid tried a moment ago must not stay "unknown".
+    state.keys.created(&record);
     let mut data = SigningKey::from(record);
     data.private_key = Some(private_key);
     Ok((StatusCode::CREATED, Json(SigningKeyResponse { data })))

@@ -55,19 +55,39 @@ impl Gateway {
     ) -> bool {
         lock(&self.departed)
             .get(&(space.clone(), participant.clone()))
-            .is_some_and(|(at, c)| at.elapsed() <= self.config.reconnect_grace && c == credential)
+            .is_some_and(|(at, c)| {
+                at.elapsed() <= self.config.reconnect_grace
+                    && crate::tokens::constant_time_eq(c.as_bytes(), credential.as_bytes())
+            })
     }
 }
 
 /// `/v1` query parameters. Everything is optional at this layer so that a missing token
 /// is answered with the SDK's error, not with an HTTP 400 the SDK cannot see.
-#[derive(Debug, Default, serde::Deserialize)]
+///
+/// Its `Debug` leaves the token out: it is one `?params` away from a log line.
+#[derive(Default, serde::Deserialize)]
 pub struct JoinParams {
     token: Option<String>,
     sdk_version: Option<String>,
     managed_subscriptions: Option<String>,
     reconnect_id: Option<String>,
     display_name: Option<String>,
+    /// Where the join comes from (see `limits::source_address`); not from the query.
+    #[serde(skip)]
+    pub(crate) source: Option<std::net::IpAddr>,
+}
+
+impl std::fmt::Debug for JoinParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinParams")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("sdk_version", &self.sdk_version)
+            .field("managed_subscriptions", &self.managed_subscriptions)
+            .field("reconnect_id", &self.reconnect_id)
+            .field("display_name", &self.display_name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The router's `/v1`: 101 and the join on its own task, or the HTTP error of a request that
@@ -79,9 +99,16 @@ pub async fn upgrade(
     mut request: axum::extract::Request,
 ) -> Response {
     // A malformed query still upgrades, and the missing token is refused in-protocol.
-    let params = Query::<JoinParams>::try_from_uri(request.uri())
+    let mut params = Query::<JoinParams>::try_from_uri(request.uri())
         .map(|Query(p)| p)
         .unwrap_or_default();
+    let peer = request.extensions().get::<PeerIp>().map(|p| p.0);
+    let forwarded = request
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    params.source =
+        super::limits::source_address(peer, forwarded, state.gateway.config.trust_forwarded_for);
     let response = match super::ws::handshake(request.method(), request.headers()) {
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
@@ -101,18 +128,83 @@ pub async fn upgrade(
 /// A join's WebSocket, from admission to the end: refused (the SDK's error, close 4000), or
 /// joined and served on a task of its own.
 pub(crate) async fn join(state: AppState, params: JoinParams, mut socket: Ws, started: Instant) {
-    // Boxed: the admission future (token check, store lookups) is large and must not stay
-    // part of every idle connection's task for its whole life.
-    match Box::pin(admit(&state, params, &mut socket)).await {
+    let gw = &state.gateway;
+    // The node's own limits first: they cost nothing, a verify costs the most.
+    let admitted = match gw.take_connection() {
+        None => Err(join_error(
+            O::Overloaded,
+            JoinErrorType::ParticipantLimitReached,
+            "server at its connection limit, try again in a moment",
+        )),
+        Some(_) if !gw.admit_source(params.source) => Err(join_error(
+            O::RateLimited,
+            JoinErrorType::ParticipantLimitReached,
+            "too many joins from this address, try again in a moment",
+        )),
+        // Boxed: the admission future (token check, store lookups) is large and must not
+        // stay part of every idle connection's task for its whole life.
+        Some(permit) => {
+            match tokio::time::timeout(
+                gw.config.admission_timeout,
+                Box::pin(admit(&state, params, &mut socket)),
+            )
+            .await
+            {
+                Ok(r) => r.map(|a| (a, permit)),
+                // A store or registry that hangs: the claim, if one was made, is released
+                // by its guard.
+                Err(_) => {
+                    tracing::warn!("a join's admission timed out");
+                    Err(unavailable())
+                }
+            }
+        }
+    };
+    match admitted {
         // A task of its own: this one's state (the query, the upgrade, the boxed admission)
         // would otherwise stay reserved in every joined connection's task for its whole
         // life.
-        Ok(admitted) => {
-            tokio::spawn(serve(state, admitted, socket, started));
+        Ok((admitted, permit)) => {
+            tokio::spawn(serve(state, admitted, socket, started, permit));
         }
         Err(r) => {
             state.gateway.metrics.join(r.outcome, started.elapsed());
             Box::pin(refuse(socket, r.body)).await
+        }
+    }
+}
+
+/// The TCP peer's address, put in a request's extensions by the listener.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerIp(pub(crate) std::net::IpAddr);
+
+/// A registry claim made during admission, released if the admission does not finish
+/// (refused later, timed out, cancelled, panicked): a participant id is never left taken by
+/// a join that never happened.
+struct Claim {
+    registry: Arc<dyn spacegate_session::Registry>,
+    key: Option<(SpaceId, ParticipantId, ConnectionId)>,
+}
+
+impl Claim {
+    /// The join went through: the connection now owns the claim.
+    fn keep(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let Some((space, participant, connection)) = self.key.take() else {
+            return;
+        };
+        let registry = self.registry.clone();
+        // Drop cannot await; the release is one registry operation. Without a runtime
+        // (process exit) there is nothing left to release for.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = registry.release(&space, &participant, &connection).await;
+            });
         }
     }
 }
@@ -180,6 +272,7 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     let now = u64::try_from(crate::now_secs()).unwrap_or(0);
     let options = VerifyOptions {
         leeway_secs: gw.config.leeway_secs,
+        expiry_grace_secs: 0,
     };
     let verify_started = Instant::now();
     let mut verified =
@@ -192,7 +285,8 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
         // Check it with the grace period as leeway; whether this participant was really
         // here is checked once we know who it is.
         let grace = VerifyOptions {
-            leeway_secs: options.leeway_secs + gw.config.reconnect_grace.as_secs(),
+            expiry_grace_secs: gw.config.reconnect_grace.as_secs(),
+            ..options
         };
         verified = verify_join_token(state.store.as_ref(), &state.keys, &token, now, &grace).await;
         expired_reconnect = verified.is_ok();
@@ -206,6 +300,8 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
             JoinErrorType::InvalidJwt,
             format!("invalid token: {e}"),
         ),
+        // Random kids beyond the lookup cap: a flood, not a fault of ours to log.
+        JoinAuthError::Internal(crate::keys::KeyLookupError::Busy) => overloaded(),
         JoinAuthError::Internal(e) => {
             tracing::error!(error = %e, "join check failed");
             unavailable()
@@ -254,7 +350,8 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
         }
         hex
     };
-    let (participant_id, credential, mode) = match (&claims.participant_id, params.reconnect_id) {
+    let (mut participant_id, credential, mode) = match (&claims.participant_id, params.reconnect_id)
+    {
         (Some(named), None) => (named.clone(), "token-named".to_string(), ReserveMode::Fresh),
         (Some(named), Some(r)) if r == named.as_str() => (
             named.clone(),
@@ -282,7 +379,18 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
                     format!("invalid reconnect_id: {e}"),
                 )
             })?;
-            (id, token_fingerprint(), ReserveMode::Reconnect)
+            // An anonymous token proves no identity, only that it is the token this id
+            // was made for. So a reconnect_id resumes an id this very token holds (still
+            // registered, or left within the grace); any other id would be a takeover of
+            // someone else's (`host`, a token-named user who is away), and the join gets
+            // a fresh id instead, below.
+            let credential = token_fingerprint();
+            let mode = if gw.departed_recently(&claims.space_id, &id, &credential) {
+                ReserveMode::Reconnect
+            } else {
+                ReserveMode::Resume
+            };
+            (id, credential, mode)
         }
     };
 
@@ -307,33 +415,63 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     let connection_id = ConnectionId::new(random_base62(32))
         .map_err(|_| join_error(O::Unavailable, JoinErrorType::Unknown, "id"))?;
     let reserve_started = Instant::now();
-    let reservation = gw
-        .registry
-        .reserve(ReserveRequest {
-            space: &claims.space_id,
-            participant: &participant_id,
-            connection: &connection_id,
-            credential: &credential,
-            mode,
-            max_participants: gw.config.max_participants,
-        })
-        .await
-        .map_err(|e| match e {
-            ReserveError::AlreadyJoined => join_error(
-                O::Duplicate,
-                JoinErrorType::DuplicateParticipantRejected,
-                "a participant with this participant_id is already connected to the space",
-            ),
-            ReserveError::SpaceFull { max } => join_error(
-                O::SpaceFull,
-                JoinErrorType::ParticipantLimitReached,
-                format!("the space is full ({max} participants)"),
-            ),
-            ReserveError::Backend(e) => {
-                tracing::error!(error = %e, "registry failed");
-                unavailable()
-            }
-        })?;
+    let request = |participant, mode| ReserveRequest {
+        space: &claims.space_id,
+        participant,
+        connection: &connection_id,
+        credential: &credential,
+        mode,
+        max_participants: gw.config.max_participants,
+    };
+    let mut reservation = gw.registry.reserve(request(&participant_id, mode)).await;
+    if matches!(reservation, Err(ReserveError::NotHeld)) {
+        // A reconnect_id this token does not hold: joined as the newcomer it is, with an
+        // id of its own (what the SDK gets after a server restart forgot it, too). An
+        // expired token was only good for resuming.
+        if expired_reconnect {
+            return Err(join_error(
+                O::Expired,
+                JoinErrorType::InvalidJwt,
+                "token has expired",
+            ));
+        }
+        let fresh = ParticipantId::new(random_base62(32))
+            .map_err(|_| join_error(O::Unavailable, JoinErrorType::Unknown, "id"))?;
+        reservation = gw
+            .registry
+            .reserve(request(&fresh, ReserveMode::Fresh))
+            .await;
+        participant_id = fresh;
+    }
+    let reservation = reservation.map_err(|e| match e {
+        ReserveError::AlreadyJoined => join_error(
+            O::Duplicate,
+            JoinErrorType::DuplicateParticipantRejected,
+            "a participant with this participant_id is already connected to the space",
+        ),
+        ReserveError::SpaceFull { max } => join_error(
+            O::SpaceFull,
+            JoinErrorType::ParticipantLimitReached,
+            format!("the space is full ({max} participants)"),
+        ),
+        ReserveError::NotHeld => join_error(
+            O::Duplicate,
+            JoinErrorType::DuplicateParticipantRejected,
+            "reconnect_id names no participant this token holds",
+        ),
+        ReserveError::Backend(e) => {
+            tracing::error!(error = %e, "registry failed");
+            unavailable()
+        }
+    })?;
+    let claim = Claim {
+        registry: gw.registry.clone(),
+        key: Some((
+            claims.space_id.clone(),
+            participant_id.clone(),
+            connection_id.clone(),
+        )),
+    };
     gw.metrics
         .join_stage(JoinStage::Registry, reserve_started.elapsed());
 
@@ -341,10 +479,6 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     if let Ok(Some(Ok(Message::Text(_) | Message::Binary(_)))) =
         tokio::time::timeout(Duration::ZERO, socket.recv()).await
     {
-        let _ = gw
-            .registry
-            .release(&claims.space_id, &participant_id, &connection_id)
-            .await;
         return Err(join_error(
             O::BadRequest,
             JoinErrorType::InvalidJwt,
@@ -353,6 +487,8 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     }
 
     let outbox = Arc::new(Outbox::new(gw.config.outbound_queue));
+    // From here on nothing can fail or wait: the connection owns the claim.
+    claim.keep();
     lock(&gw.conns).insert(connection_id.clone(), outbox.clone());
     // After the insert: a drain that began meanwhile either saw this connection or is
     // seen here.
@@ -388,4 +524,21 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
         },
         outbox,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_params_never_print_the_token() {
+        let params = JoinParams {
+            token: Some("eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl".into()),
+            reconnect_id: Some("alice".into()),
+            ..JoinParams::default()
+        };
+        let printed = format!("{params:?}");
+        assert!(!printed.contains("eyJ"), "{printed}");
+        assert!(printed.contains("<redacted>") && printed.contains("alice"));
+    }
 }

@@ -36,7 +36,14 @@ pub(super) async fn close_gracefully(socket: &mut Ws, code: u16) {
     .await;
 }
 
-pub(super) async fn serve(state: AppState, a: Admitted, mut socket: Ws, started: Instant) {
+pub(super) async fn serve(
+    state: AppState,
+    a: Admitted,
+    mut socket: Ws,
+    started: Instant,
+    // Held for the connection's life: its slot under `max_connections`.
+    _permit: super::limits::Permit,
+) {
     let gw = state.gateway.clone();
     let Admitted {
         space,

@@ -17,6 +17,7 @@
 mod activity;
 mod admission;
 mod connection;
+mod limits;
 mod outbox;
 mod spaces;
 pub(crate) mod ws;
@@ -31,8 +32,9 @@ use spacegate_signaling::SpaceConfig;
 
 use crate::media::{MediaEvent, MediaEvents};
 
-pub(crate) use admission::join;
 pub use admission::{JoinParams, upgrade};
+pub(crate) use admission::{PeerIp, join};
+pub(crate) use limits::source_address;
 /// The largest message a client may send.
 pub(crate) use spacegate_proto::signaling::MAX_FRAME_BYTES;
 pub(crate) use ws::{Ws, switching_protocols};
@@ -71,7 +73,32 @@ pub struct GatewayConfig {
     /// late in a meeting would end it for good.
     pub reconnect_grace: Duration,
     pub media: crate::media::MediaConfig,
+    /// Most WebSocket connections (joined or being admitted) this node holds; beyond, a
+    /// join is refused with the SDK's "try again" before any work is spent on it. Keep it
+    /// below the process's open-file limit, or accept() fails instead (and no client is
+    /// told anything).
+    pub max_connections: usize,
+    /// Joins per second one source address may start, in bursts of `join_burst_per_ip`;
+    /// 0 turns the limit off. Refused with "try again".
+    pub join_rate_per_ip: u32,
+    pub join_burst_per_ip: u32,
+    /// Behind a reverse proxy, take the source address of a join from the last
+    /// `X-Forwarded-For` entry (the one our proxy appended). Only when every connection
+    /// comes through that proxy: otherwise a client names its own address.
+    pub trust_forwarded_for: bool,
+    /// The whole admission (token check, store lookups, registry) must finish within this,
+    /// or the join is refused with "try again": a slow store must not hold sockets forever.
+    pub admission_timeout: Duration,
+    /// A client must send its whole HTTP request head within this (slowloris).
+    pub head_timeout: Duration,
 }
+
+/// Used when the open-file limit cannot be read; `main` derives the real default from it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Generous for people (a whole office behind one NAT reconnecting at once), tight for a
+/// script.
+pub const DEFAULT_JOIN_RATE_PER_IP: u32 = 20;
+pub const DEFAULT_JOIN_BURST_PER_IP: u32 = 200;
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -85,6 +112,14 @@ impl Default for GatewayConfig {
             leeway_secs: 30,
             reconnect_grace: Duration::from_secs(300),
             media: crate::media::MediaConfig::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            // Off for embedders and tests, which join from one address at will; the
+            // `spacegate` binary turns it on (DEFAULT_JOIN_RATE_PER_IP).
+            join_rate_per_ip: 0,
+            join_burst_per_ip: DEFAULT_JOIN_BURST_PER_IP,
+            trust_forwarded_for: false,
+            admission_timeout: Duration::from_secs(10),
+            head_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -106,6 +141,9 @@ pub struct Gateway {
     started: Instant,
     pub media: crate::media::MediaHandle,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// WebSocket connections held (admitting or joined), against `max_connections`.
+    open_connections: Arc<std::sync::atomic::AtomicUsize>,
+    join_rates: Mutex<limits::JoinRates>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -146,6 +184,8 @@ impl Gateway {
             started: Instant::now(),
             media,
             metrics,
+            open_connections: Arc::default(),
+            join_rates: Mutex::default(),
         });
         // Started only once the gateway exists: the thread stops when it can no longer
         // reach the gateway, and one started inside `Arc::new_cyclic` could run before the
