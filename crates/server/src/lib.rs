@@ -13,6 +13,7 @@ pub mod keys;
 mod listen;
 pub mod media;
 pub mod metrics;
+pub mod tls;
 pub mod tokens;
 
 use std::future::Future;
@@ -84,6 +85,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_with_tls(state, listener, None, shutdown).await
+}
+
+/// [`run`], with HTTPS and WSS when `tls` is given: every accepted connection does the TLS
+/// handshake first (within the head timeout), with the certificate in use at that moment.
+pub async fn run_with_tls(
+    state: AppState,
+    listener: TcpListener,
+    tls: Option<Arc<tls::Tls>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let ready = state.ready.clone();
     let gateway = state.gateway.clone();
     let router = api::router(state.clone());
@@ -111,12 +123,25 @@ pub async fn run(
         // No Nagle: a message written while the previous one is unacknowledged would wait
         // for that ACK (with delayed ACKs, 40 ms).
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(listen::connection(
-            state.clone(),
-            router.clone(),
-            tcp,
-            stopped.clone(),
-        ));
+        let (state, router, stopped) = (state.clone(), router.clone(), stopped.clone());
+        let peer = tcp.peer_addr().ok().map(|a| a.ip());
+        match &tls {
+            None => {
+                tokio::spawn(listen::connection(state, router, tcp, peer, stopped));
+            }
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                tokio::spawn(async move {
+                    let timeout = state.gateway.config.head_timeout;
+                    // A handshake that never finishes holds a socket like a slow head.
+                    let Ok(Ok(stream)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    listen::connection(state, router, stream, peer, stopped).await;
+                });
+            }
+        }
     }
     ready.store(false, Ordering::Relaxed);
     tracing::info!(

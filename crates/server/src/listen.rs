@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use axum::extract::Query;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::AppState;
@@ -31,15 +30,17 @@ const MAX_JOIN_HEAD: usize = 64 * 1024;
 /// Serves one accepted connection until it ends. `stopped` turns true at shutdown: plain
 /// HTTP connections then finish their request and close (WebSockets are drained by the
 /// gateway).
-pub(crate) async fn connection(
+pub(crate) async fn connection<S>(
     state: AppState,
     router: axum::Router,
-    mut tcp: TcpStream,
+    mut tcp: S,
+    peer: Option<IpAddr>,
     stopped: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let started = Instant::now();
     let head_timeout = state.gateway.config.head_timeout;
-    let peer = tcp.peer_addr().ok().map(|a| a.ip());
     let mut buf = Vec::with_capacity(2048);
     let head = match tokio::time::timeout(head_timeout, read_head(&mut tcp, &mut buf)).await {
         Ok(Ok(head)) => head,
@@ -77,7 +78,10 @@ pub(crate) async fn connection(
 /// head and returns where it ends; for anything else returns `None` at once. Each read's
 /// bytes are scanned once, so a client that sends its head a byte at a time costs no more
 /// than one that sends it whole.
-async fn read_head(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+async fn read_head<S: AsyncRead + Unpin>(
+    tcp: &mut S,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<usize>> {
     // Where the next search for a line end starts (a match may straddle two reads).
     let mut scanned: usize = 0;
     let mut join = false;
@@ -153,9 +157,9 @@ fn join_upgrade(
 }
 
 /// Plain HTTP on hyper (HTTP/1.1, upgrades for the router's own `/v1`).
-async fn http(
+async fn http<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     router: axum::Router,
-    io: Prefixed,
+    io: Prefixed<S>,
     mut stopped: watch::Receiver<bool>,
     peer: Option<IpAddr>,
     head_timeout: Duration,
@@ -199,13 +203,13 @@ async fn respond(
 }
 
 /// The accepted stream with the bytes already read from it put back in front.
-struct Prefixed {
+struct Prefixed<S> {
     prefix: Vec<u8>,
     at: usize,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -227,7 +231,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -319,11 +323,11 @@ mod tests {
     }
 
     /// A connected (client, server) pair on loopback.
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
         let (server, _) = listener.accept().await.expect("accept");

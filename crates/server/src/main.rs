@@ -271,7 +271,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     .with_context(|| format!("binding the media socket {media_listen}"))?;
     let media = &state.gateway.media;
     let shutdown = shutdown_signal();
-    writeln!(out, "spacegate: listening on http://{addr}")?;
+    let tls = match &config.tls {
+        None => None,
+        Some(files) => {
+            let tls = Arc::new(spacegate_server::tls::Tls::load(files)?);
+            reload_on_sighup(tls.clone());
+            Some(tls)
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    writeln!(out, "spacegate: listening on {scheme}://{addr}")?;
     writeln!(
         out,
         "spacegate: media on udp://{} (clients are told {})",
@@ -302,9 +311,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // On a worker thread, not on `main`'s own: `block_on` polls its future on the main
     // thread, so every accepted connection would be handed across threads (a wakeup and a
     // context switch per join; perf showed 14 % of a join storm's CPU in task switches).
-    tokio::spawn(spacegate_server::run(state, listener, shutdown))
-        .await
-        .context("the server task panicked")??;
+    tokio::spawn(spacegate_server::run_with_tls(
+        state, listener, tls, shutdown,
+    ))
+    .await
+    .context("the server task panicked")??;
     tracing::info!("stopped");
     Ok(())
 }
@@ -393,6 +404,32 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// Re-reads the TLS certificate and key on every SIGHUP (certbot and friends renew the
+/// files in place and signal the server). New connections get the new certificate; a file
+/// that does not load is logged and the old certificate stays.
+fn reload_on_sighup(tls: Arc<spacegate_server::tls::Tls>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: the TLS certificate will not reload");
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// Registers for SIGINT and SIGTERM now, and resolves when one arrives. Registering

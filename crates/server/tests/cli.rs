@@ -573,3 +573,151 @@ fn the_media_plane_answers_from_the_first_moment_even_on_one_core() {
         );
     }
 }
+
+/// A CA and a server certificate for `localhost` and 127.0.0.1 it signed, as PEM files in
+/// `dir` (`<name>-cert.pem`, `<name>-key.pem`); returns the CA's DER, to trust.
+fn test_certificate(dir: &Path, name: &str) -> Vec<u8> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().expect("ca key");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("leaf params");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf cert");
+    std::fs::write(dir.join(format!("{name}-cert.pem")), leaf_cert.pem()).expect("write");
+    std::fs::write(
+        dir.join(format!("{name}-key.pem")),
+        leaf_key.serialize_pem(),
+    )
+    .expect("write");
+    ca_cert.der().to_vec()
+}
+
+/// Connects over TLS trusting `roots`; the certificate the server presented and the stream.
+async fn tls_connect(
+    addr: &str,
+    roots: &[Vec<u8>],
+) -> (
+    Vec<u8>,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store
+            .add(rustls::pki_types::CertificateDer::from(r.clone()))
+            .expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("a certificate")
+        .to_vec();
+    (presented, tls)
+}
+
+#[cfg(unix)]
+#[test]
+fn tls_serves_https_and_wss_and_reloads_on_sighup() {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A space and a key, made over plain HTTP, then the same store served over TLS.
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let plain = start(cmd);
+    let jwt = join_token(&plain, dir.path());
+    drop(plain);
+    let ca_a = test_certificate(dir.path(), "a");
+    let ca_b = test_certificate(dir.path(), "b");
+    let (cert, key) = (
+        dir.path().join("live-cert.pem"),
+        dir.path().join("live-key.pem"),
+    );
+    std::fs::copy(dir.path().join("a-cert.pem"), &cert).expect("copy");
+    std::fs::copy(dir.path().join("a-key.pem"), &key).expect("copy");
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key);
+    let r = start(cmd);
+    let addr = r
+        .url
+        .strip_prefix("https://")
+        .unwrap_or_else(|| panic!("an https URL: {}", r.url))
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        // HTTPS: the API answers.
+        let (presented, mut tls) = tls_connect(&addr, std::slice::from_ref(&ca_a)).await;
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut response = String::new();
+        tls.read_to_string(&mut response).await.ok();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        // WSS: a join gets `joined`.
+        let (_, tls) = tls_connect(&addr, std::slice::from_ref(&ca_a)).await;
+        let url = format!("wss://localhost/v1?token={}", jwt.trim());
+        let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+            .await
+            .expect("WebSocket over TLS");
+        let first = ws.next().await.expect("a frame").expect("frame");
+        assert!(
+            first.to_text().expect("text").contains("\"joined\""),
+            "{first:?}"
+        );
+
+        // SIGHUP with new files: new connections get the new certificate.
+        std::fs::copy(dir.path().join("b-cert.pem"), &cert).expect("copy");
+        std::fs::copy(dir.path().join("b-key.pem"), &key).expect("copy");
+        let hup = |pid: u32| {
+            let status = Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success());
+        };
+        hup(r.child.id());
+        let both = [ca_a.clone(), ca_b.clone()];
+        let mut reloaded = None;
+        for _ in 0..100 {
+            let (p, _) = tls_connect(&addr, &both).await;
+            if p != presented {
+                reloaded = Some(p);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reloaded = reloaded.expect("the new certificate is served after SIGHUP");
+        // A file that does not load: the certificate in use stays, the server goes on.
+        std::fs::write(&cert, "not a certificate").expect("write");
+        hup(r.child.id());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (p, _) = tls_connect(&addr, &both).await;
+        assert_eq!(p, reloaded);
+        // The WebSocket joined before the reload is still up.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), ws.next())
+                .await
+                .is_err(),
+            "nothing ended the joined connection"
+        );
+    });
+}

@@ -34,12 +34,14 @@ async function serveStatic() {
   return { url: `http://127.0.0.1:${server.address().port}/`, close: () => server.close() };
 }
 
-async function launch() {
+/** `ignoreHTTPSErrors` for a server with a test certificate (wss://). */
+async function launch({ ignoreHTTPSErrors = false } = {}) {
   const { chromium } = require('playwright-core');
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'spacegate-chromium-'));
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: CHROMIUM,
     headless: true,
+    ignoreHTTPSErrors,
     args: [
       '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
@@ -209,13 +211,19 @@ function useSuite(name, serverOptions = {}) {
   before(async () => {
     if (missing) return;
     s.server = await startServer(serverOptions);
-    s.wsBase = s.server.url.replace('http://', 'ws://');
+    s.wsBase = s.server.url.replace(/^http/, 'ws');
     const Mux = require('../../clients/node_modules/mux-node-8');
-    s.mux = new Mux({ tokenId: s.server.tokenId, tokenSecret: s.server.tokenSecret, baseURL: s.server.url });
+    // With TLS, this process trusts the test certificate for its API calls only.
+    const httpAgent = s.server.ca
+      ? new (require('node:https').Agent)({ ca: fs.readFileSync(s.server.ca) })
+      : undefined;
+    s.mux = new Mux({
+      tokenId: s.server.tokenId, tokenSecret: s.server.tokenSecret, baseURL: s.server.url, httpAgent,
+    });
     s.key = await s.mux.system.signingKeys.create();
     s.space = await s.mux.video.spaces.create();
     s.site = await serveStatic();
-    s.browser = await launch();
+    s.browser = await launch({ ignoreHTTPSErrors: !!s.server.ca });
   });
   after(async () => {
     if (s.browser) await s.browser.close();

@@ -10,8 +10,28 @@ const readline = require('node:readline');
 const BIN = process.env.SPACEGATE_BIN
   || path.resolve(__dirname, '../../../target/debug/spacegate');
 
-/** Starts spacegate; `config` is TOML text for `--config`, if any. */
-async function startServer({ config } = {}) {
+/**
+ * A self-signed certificate for localhost and 127.0.0.1 (openssl), as PEM files in `dir`:
+ * {cert, key}. `kind` is 'ec' (P-256) or 'rsa' (2048 bits). The certificate is its own CA:
+ * trust it with NODE_EXTRA_CA_CERTS=cert.
+ */
+function selfSignedCertificate(dir, kind = 'ec') {
+  const cert = path.join(dir, `tls-${kind}-cert.pem`);
+  const key = path.join(dir, `tls-${kind}-key.pem`);
+  const keyArgs = kind === 'rsa'
+    ? ['-newkey', 'rsa:2048']
+    : ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1'];
+  execFileSync('openssl', ['req', '-x509', ...keyArgs, '-nodes', '-keyout', key, '-out', cert,
+    '-days', '2', '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1'], { stdio: 'ignore' });
+  return { cert, key };
+}
+
+/**
+ * Starts spacegate; `config` is TOML text for `--config`, if any; `tls` ('ec' or 'rsa')
+ * serves HTTPS/WSS with a fresh self-signed certificate (its path is `server.ca`).
+ */
+async function startServer({ config, tls } = {}) {
   if (!fs.existsSync(BIN)) {
     throw new Error(`spacegate binary not found at ${BIN}: run cargo build first or set SPACEGATE_BIN`);
   }
@@ -21,6 +41,12 @@ async function startServer({ config } = {}) {
     const file = path.join(dataDir, 'spacegate.toml');
     fs.writeFileSync(file, config);
     args.push('--config', file);
+  }
+  let ca;
+  if (tls) {
+    const files = selfSignedCertificate(dataDir, tls);
+    args.push('--tls-cert', files.cert, '--tls-key', files.key);
+    ca = files.cert;
   }
   const child = spawn(BIN, args, {
     env: { ...process.env, SPACEGATE_LOG: process.env.SPACEGATE_LOG || 'warn' },
@@ -46,6 +72,7 @@ async function startServer({ config } = {}) {
   child.removeAllListeners('exit');
   const cli = (...args) => execFileSync(BIN, [...args, '--data-dir', dataDir], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
   return {
+    ca,
     url: found.url,
     tokenId: found.tokenId,
     tokenSecret: found.tokenSecret,
@@ -73,4 +100,4 @@ async function rejection(fn) {
   throw new Error('expected a rejection');
 }
 
-module.exports = { startServer, rejection };
+module.exports = { startServer, rejection, selfSignedCertificate };
