@@ -8,6 +8,8 @@
 #           activates a space and every leave idles it); p99 latency at concurrency
 #           10 / 100 / 1000 ≤ 5 / 30 / 100 ms; per-stage µs when the server exposes metrics
 #   Goal 3  server RSS per idle joined connection ≤ 4 KiB, at 15 and at 100 per space
+#   TLS     (issue 11) the population-0 churn over TLS, with an ECDSA P-256 and an RSA-2048
+#           certificate (TLS=0 skips it)
 #
 # Writes benches/out/join-<timestamp>.csv (every measurement) and .svg (chart).
 #
@@ -67,6 +69,33 @@ if [ "$PEAK" -gt 0 ]; then
     --spaces "$SPACES" --populations "0,$PEAK" --concurrency 100 --joins "$JOINS" \
     --ramp-concurrency "$RAMP" --no-release-phase
   stop_server
+fi
+
+# Issue 11: the same churn over TLS (population 0, c=$TLS_CONCURRENCY), once with an ECDSA
+# P-256 certificate and once with an RSA-2048 one: each join is a new TLS connection, so
+# the handshake's signature (P-256 sign vs RSA-2048 sign) joins the JWT's RSA verify.
+TLS_CONCURRENCY=${TLS_CONCURRENCY:-100}
+if [ "${TLS:-1}" = "1" ]; then
+  for kind in ec rsa; do
+    certs="$WORK/tls-$kind"
+    mkdir -p "$certs"
+    if [ "$kind" = ec ]; then keyopt=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1); else keyopt=(-newkey rsa:2048); fi
+    # A CA and a server certificate it signs (a self-signed server certificate with CA:TRUE
+    # is refused as an end entity by rustls).
+    openssl req -x509 "${keyopt[@]}" -nodes -keyout "$certs/ca-key.pem" -out "$certs/ca.pem" \
+      -days 2 -subj /CN=spacegate-bench-ca 2>/dev/null
+    openssl req "${keyopt[@]}" -nodes -keyout "$certs/key.pem" -out "$certs/req.pem" \
+      -subj /CN=localhost 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$certs/ext"
+    openssl x509 -req -in "$certs/req.pem" -CA "$certs/ca.pem" -CAkey "$certs/ca-key.pem" \
+      -CAcreateserial -out "$certs/cert.pem" -days 2 -extfile "$certs/ext" 2>/dev/null
+    start_server "tls-$kind" --max-participants "$MAX_PARTICIPANTS" \
+      --tls-cert "$certs/cert.pem" --tls-key "$certs/key.pem"
+    SPACEGATE_CA_FILE="$certs/ca.pem" load scale --url "$URL" --server-pid "$SERVER" \
+      --label "tls-$kind" --csv "$CSV" --spaces "$SPACES" --churn-spaces "$SPACES" \
+      --populations 0 --concurrency "$TLS_CONCURRENCY" --joins "$JOINS" --no-release-phase
+    stop_server
+  done
 fi
 
 python3 benches/report.py join --csv "$CSV" --svg "$SVG" --openssl "$OPENSSL"

@@ -157,6 +157,24 @@ def join_report(args):
                          f"(participant_connected + participant_disconnected to each member)")
             print(line)
 
+    # Not a goal of issue 10: joins over TLS (issue 11), the same churn on a server with a
+    # certificate, against the plain run's population-0 figure at the same concurrency.
+    plain = {int(num(r, "concurrency")): num(r, "server_cpu_us_per_join")
+             for r in churn if r["phase"] == "pop-0"}
+    tls_runs = [r for r in rows if r["run"].startswith("tls-") and r["kind"] == "churn"]
+    if tls_runs:
+        print("\n== joins over TLS (population 0; handshake + JWT + WebSocket, each on a new "
+              "connection, as the SDK does)")
+        names = {"tls-ec": "ECDSA P-256 certificate", "tls-rsa": "RSA-2048 certificate"}
+        for r in tls_runs:
+            c = int(num(r, "concurrency"))
+            us = num(r, "server_cpu_us_per_join")
+            line = (f"  {names.get(r['run'], r['run'])}, c={c}: {us} µs/join, "
+                    f"{r['joins_per_sec']} joins/s, p99 {r['p99_ms']} ms")
+            if plain.get(c) and us:
+                line += f"; {us / plain[c]:.2f}× the plain join ({plain[c]} µs)"
+            print(line)
+
     print(f"\n== goal 3: server RSS per idle joined connection")
     for run in ("population", "dense"):
         holds = [r for r in rows if r["run"] == run and r["kind"] == "hold"]

@@ -8,6 +8,7 @@ pub mod media;
 pub mod participant;
 mod rest;
 mod signaling;
+pub mod tls;
 
-pub use rest::{RestClient, RestError};
+pub use rest::{RestClient, RestError, http_client};
 pub use signaling::{ClientError, JoinOptions, Session, join_url};

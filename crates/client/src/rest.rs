@@ -18,13 +18,21 @@ pub enum RestError {
     Api { status: u16, body: String },
 }
 
+/// A reqwest client that speaks https:// with [`crate::tls::client_config`].
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*crate::tls::client_config()).clone())
+        .build()
+        .unwrap_or_default()
+}
+
 impl RestClient {
     pub fn new(base: &str, token_id: &str, token_secret: &str) -> Self {
         RestClient {
             base: base.trim_end_matches('/').to_string(),
             token_id: token_id.into(),
             token_secret: token_secret.into(),
-            http: reqwest::Client::new(),
+            http: http_client(),
         }
     }
 

@@ -6,10 +6,9 @@ use spacegate_proto::signaling::{
     ClientMessage, CustomEvent, CustomEventRequest, Envelope, ErrorBody, Joined, ParticipantUpdate,
     ServerMessage,
 };
-use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// What `new Space(token, options)` + `join()` put in the URL.
 #[derive(Debug, Clone)]
@@ -97,14 +96,51 @@ pub fn join_url(base: &str, token: &str, o: &JoinOptions) -> String {
     url
 }
 
+/// The WebSocket handshake over TCP, or over TLS for `wss://`.
+async fn connect(url: &str) -> Result<(WebSocketStream<Box<dyn crate::tls::Io>>, ()), ClientError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let request = url
+        .into_client_request()
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let uri = request.uri();
+    let tls = uri.scheme_str() == Some("wss");
+    let host = uri
+        .host()
+        .ok_or_else(|| ClientError::Connect(format!("no host in {url}")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let io = crate::tls::connect(&addr, &host, tls)
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let (ws, _) = tokio_tungstenite::client_async(request, io)
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    Ok((ws, ()))
+}
+
 /// A joined signaling session.
-#[derive(Debug)]
 pub struct Session {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: WebSocketStream<Box<dyn crate::tls::Io>>,
     joined: Joined,
     /// Messages read while waiting for a specific reply, handed out by [`Session::next`].
     backlog: VecDeque<Envelope<ServerMessage>>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("connection_id", &self.joined.connection_id)
+            .field("participant_id", &self.joined.participant_id)
+            .finish_non_exhaustive()
+    }
 }
 
 fn close_code(frame: &Option<CloseFrame>) -> Option<u16> {
@@ -119,11 +155,10 @@ impl Session {
         options: &JoinOptions,
     ) -> Result<Session, ClientError> {
         let url = join_url(base, token, options);
-        let connect = tokio_tungstenite::connect_async(url.as_str());
-        let (mut ws, _) = tokio::time::timeout(options.timeout, connect)
+        let connect = connect(&url);
+        let (mut ws, ()) = tokio::time::timeout(options.timeout, connect)
             .await
-            .map_err(|_| ClientError::Timeout)?
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+            .map_err(|_| ClientError::Timeout)??;
         let first = tokio::time::timeout(options.timeout, read(&mut ws))
             .await
             .map_err(|_| ClientError::Timeout)??;
@@ -287,7 +322,7 @@ impl Session {
 }
 
 async fn read(
-    ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: &mut WebSocketStream<Box<dyn crate::tls::Io>>,
 ) -> Result<Envelope<ServerMessage>, ClientError> {
     loop {
         match ws.next().await {

@@ -1187,7 +1187,7 @@ async fn run_scale(a: &ScaleArgs) -> Result<()> {
         tokens: churn_tokens,
         next_round: 0,
         spaces,
-        http: reqwest::Client::new(),
+        http: spacegate_client::http_client(),
         probe: &probe,
     };
     if a.warmup_joins > 0 {
@@ -1454,6 +1454,7 @@ async fn soak(
 mod lean {
     use std::net::SocketAddr;
 
+    use spacegate_client::tls::Io;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
@@ -1463,13 +1464,21 @@ mod lean {
         addr: SocketAddr,
         host: String,
         path: String,
+        /// `wss://`: TLS (trusting what `spacegate_client::tls` trusts).
+        tls: bool,
     }
 
     impl Target {
         pub fn new(ws_base: &str) -> Result<Target, String> {
-            let rest = ws_base
-                .strip_prefix("ws://")
-                .ok_or_else(|| format!("the lean churn speaks ws:// only, not {ws_base}"))?;
+            let (tls, rest) = match ws_base.split_once("://") {
+                Some(("ws", rest)) => (false, rest),
+                Some(("wss", rest)) => (true, rest),
+                _ => {
+                    return Err(format!(
+                        "the lean churn speaks ws:// and wss://, not {ws_base}"
+                    ));
+                }
+            };
             let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
                 .map_err(|e| format!("resolving {host}: {e}"))?
@@ -1485,12 +1494,13 @@ mod lean {
                 addr,
                 host: host.to_owned(),
                 path,
+                tls,
             })
         }
 
         /// Joins with `token`; the socket once `joined` arrived, or why not (a refusal
         /// as "rejected type N", as the full client reports it).
-        pub async fn join(&self, token: &str) -> Result<TcpStream, String> {
+        pub async fn join(&self, token: &str) -> Result<Box<dyn Io>, String> {
             match tokio::time::timeout(TIMEOUT, self.join_inner(token)).await {
                 Ok(r) => r,
                 Err(_) => Err("timed out".into()),
@@ -1502,20 +1512,25 @@ mod lean {
         /// server, and with 15 000 of them it scanned thousands of taken ports on every
         /// connect (`__inet_hash_connect`, 86 % of the generator's core). From another
         /// source address no port is taken.
-        async fn connect(&self) -> std::io::Result<TcpStream> {
-            match self.addr {
+        async fn connect(&self) -> std::io::Result<Box<dyn Io>> {
+            let tcp = match self.addr {
                 SocketAddr::V4(a) if a.ip().is_loopback() => {
                     let socket = tokio::net::TcpSocket::new_v4()?;
                     socket.bind(SocketAddr::from(([127, 0, 0, 2], 0)))?;
-                    socket.connect(self.addr).await
+                    socket.connect(self.addr).await?
                 }
-                _ => TcpStream::connect(self.addr).await,
-            }
+                _ => TcpStream::connect(self.addr).await?,
+            };
+            // The certificate names the host without its port.
+            let name = self
+                .host
+                .rsplit_once(':')
+                .map_or(self.host.as_str(), |(h, _)| h);
+            spacegate_client::tls::wrap(tcp, name, self.tls).await
         }
 
-        async fn join_inner(&self, token: &str) -> Result<TcpStream, String> {
+        async fn join_inner(&self, token: &str) -> Result<Box<dyn Io>, String> {
             let mut socket = self.connect().await.map_err(|e| format!("connect: {e}"))?;
-            let _ = socket.set_nodelay(true);
             // Tokens are base64url and dots: nothing to escape in a query.
             let request = format!(
                 "GET {}?token={token}&sdk_version=1.2.0&managed_subscriptions=16 HTTP/1.1\r\n\
@@ -1582,7 +1597,7 @@ mod lean {
     /// 15 000 more held, the kernel then spent most of the generator's core looking for a
     /// free port on each connect (`__inet_hash_connect`), and the server saw its joins
     /// trickle in.
-    pub async fn leave(mut socket: TcpStream) {
+    pub async fn leave(mut socket: Box<dyn Io>) {
         // FIN + close, masked, empty payload, mask key 0.
         if socket.write_all(&[0x88, 0x80, 0, 0, 0, 0]).await.is_err() {
             return;
@@ -1594,7 +1609,7 @@ mod lean {
         .await;
     }
 
-    async fn read_more(socket: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+    async fn read_more(socket: &mut Box<dyn Io>, buf: &mut Vec<u8>) -> Result<(), String> {
         match socket.read_buf(buf).await {
             Ok(0) => Err("connection closed".into()),
             Ok(_) => Ok(()),
