@@ -213,6 +213,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let config = load_config(&args.store, Some(&args))?;
     init_logging(&config.log)?;
     let store = open_store(&config).await?;
+    // A single node owns every space of its store: nobody is connected before it listens,
+    // whatever the store says after a crash (kill -9 between a join and its status write,
+    // or an unflushed leave).
+    let stale = store
+        .mark_all_spaces_idle()
+        .await
+        .context("marking spaces idle on start")?;
+    if stale > 0 {
+        tracing::info!(
+            spaces = stale,
+            "spaces left active by the last run are idle again"
+        );
+    }
     let mut out = std::io::stdout().lock();
     if let Some(token) = tokens::bootstrap(&store, &config.environment, now_secs()).await? {
         // Printed once, to stdout only (never to the log): the secret is not stored.

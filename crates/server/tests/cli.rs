@@ -721,3 +721,85 @@ fn tls_serves_https_and_wss_and_reloads_on_sighup() {
         );
     });
 }
+
+/// The space of `jwt` (its `sub`), read from the token's payload.
+fn space_of(jwt: &str) -> String {
+    use base64::Engine as _;
+    let payload = jwt.trim().split('.').nth(1).expect("payload");
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64"),
+    )
+    .expect("json");
+    claims["sub"].as_str().expect("sub").to_string()
+}
+
+fn space_status(r: &Running, token: &(String, String), space: &str) -> String {
+    let v: Value = http()
+        .get(format!("{}/video/v1/spaces/{space}", r.url))
+        .basic_auth(&token.0, Some(&token.1))
+        .send()
+        .expect("send")
+        .json()
+        .expect("json");
+    v["data"]["status"].as_str().expect("status").to_string()
+}
+
+/// A participant joined, then the server stopped with `signal`: after a restart on the
+/// same data dir the space is idle and can be deleted.
+fn space_is_idle_after_a_stop(signal: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let mut r = start(cmd);
+    let token = r.token.clone().expect("token");
+    let jwt = join_token(&r, dir.path());
+    let space = space_of(&jwt);
+    let ws = r.url.replacen("http://", "ws://", 1);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let session = rt
+        .block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+        .expect("join");
+    // The store has caught up with the join.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while space_status(&r, &token, &space) != "active" {
+        assert!(std::time::Instant::now() < deadline, "never active");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = r.child.id().to_string();
+    let sent = Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    r.child.wait().expect("reap");
+    drop(session);
+
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let r = start(cmd);
+    assert_eq!(space_status(&r, &token, &space), "idle", "after {signal}");
+    let res = http()
+        .delete(format!("{}/video/v1/spaces/{space}", r.url))
+        .basic_auth(&token.0, Some(&token.1))
+        .send()
+        .expect("send");
+    assert_eq!(res.status(), 204, "deletable after {signal}");
+}
+
+#[cfg(unix)]
+#[test]
+fn an_active_space_is_idle_after_kill_9_and_a_restart() {
+    space_is_idle_after_a_stop("-KILL");
+}
+
+#[cfg(unix)]
+#[test]
+fn an_active_space_is_idle_after_sigterm_and_a_restart() {
+    space_is_idle_after_a_stop("-TERM");
+}

@@ -926,6 +926,38 @@ async fn a_space_with_participants_cannot_be_deleted_even_before_the_store_knows
 }
 
 #[tokio::test]
+async fn a_delete_and_a_join_never_both_succeed() {
+    let fx = Fx::new().await;
+    let gw = &fx.s.state.gateway;
+    let space: spacegate_proto::SpaceId = fx.space.parse().expect("space id");
+    // A delete under way (between its check and the store's delete): a join that already
+    // passed the token check is refused at the registry, and leaves no claim behind.
+    let claim = gw.begin_delete(&space).await.expect("nobody here");
+    let (kind, message, _) = refused(
+        fx.join_with(
+            &fx.token(Some("late"), Role::Publisher),
+            JoinOptions::default(),
+        )
+        .await,
+    );
+    assert_eq!(kind, 6, "{message}");
+    assert!(message.contains("being deleted"), "{message}");
+    drop(claim);
+    // The delete gave up (say the store failed): the same participant joins.
+    let late = fx.join("late").await;
+    // And with someone in the space (or joining: a registry claim), a delete is refused.
+    assert!(gw.begin_delete(&space).await.is_err());
+    late.leave().await;
+    for _ in 0..200 {
+        if gw.begin_delete(&space).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the space never became deletable after everyone left");
+}
+
+#[tokio::test]
 async fn reconnects_may_use_a_recently_expired_token() {
     let fx = Fx::with(GatewayConfig {
         leeway_secs: 0,

@@ -26,6 +26,44 @@ pub async fn run_all(store: &dyn Store, prefix: &str) {
     spaces(store, prefix).await;
     space_activity(store, prefix).await;
     space_activity_batches(store, prefix).await;
+    all_spaces_idle(store, prefix).await;
+}
+
+/// What a single node does on start: every active space becomes idle, sessions cleared,
+/// and a deletable space again. Runs last: it touches every space of the store.
+pub async fn all_spaces_idle(store: &dyn Store, prefix: &str) {
+    let a = env(store, prefix, "restart").await;
+    let (s1, s2) = (
+        space(prefix, "left-active-1", &a.id, 1),
+        space(prefix, "left-active-2", &a.id, 2),
+    );
+    let idle = space(prefix, "was-idle", &a.id, 3);
+    for s in [&s1, &s2, &idle] {
+        store.insert_space(s).await.expect("insert");
+    }
+    for s in [&s1, &s2] {
+        assert!(
+            store
+                .mark_space_active(&s.id, &id(prefix, &format!("session-{}", s.id)))
+                .await
+                .expect("activate")
+        );
+    }
+    assert!(store.mark_all_spaces_idle().await.expect("all idle") >= 2);
+    for s in [&s1, &s2, &idle] {
+        let got = store
+            .space(&a.id, &s.id)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(got.status, SpaceStatus::Idle);
+        assert_eq!(got.active_session_id, None);
+    }
+    assert_eq!(store.mark_all_spaces_idle().await.expect("again"), 0);
+    assert_eq!(
+        store.delete_space(&a.id, &s1.id).await.expect("delete"),
+        DeleteSpaceOutcome::Deleted
+    );
 }
 
 async fn env(store: &dyn Store, prefix: &str, name: &str) -> Environment {

@@ -84,6 +84,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn mark_space_active(&self, id: &SpaceId, session: &SessionId) -> Result<bool>;
     /// active → idle, clearing the session id. `false` if missing or already idle.
     async fn mark_space_idle(&self, id: &SpaceId) -> Result<bool>;
+    /// Every active space → idle; how many were active. A single node calls it on start:
+    /// after a crash (`kill -9`, power loss) nobody is connected, whatever the store says.
+    async fn mark_all_spaces_idle(&self) -> Result<u64>;
 
     /// Many transitions at once, each exactly as `mark_space_active` (`Some(session)`) or
     /// `mark_space_idle` (`None`) would apply it, in order. A backend with transactions

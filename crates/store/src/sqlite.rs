@@ -21,6 +21,8 @@ const MARK_IDLE: &str = "UPDATE spaces SET status = 'idle', active_session_id = 
 /// session id.
 const MARK_ACTIVE_MANY: &str = "UPDATE spaces SET status = 'active', active_session_id = j.value \
      FROM json_each(?) AS j WHERE j.key = spaces.id AND spaces.status = 'idle'";
+const MARK_ALL_IDLE: &str =
+    "UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE status = 'active'";
 /// [`MARK_IDLE`] for many spaces at once: the parameter is a JSON array of space ids.
 const MARK_IDLE_MANY: &str = "UPDATE spaces SET status = 'idle', active_session_id = NULL \
      WHERE status = 'active' AND id IN (SELECT value FROM json_each(?))";
@@ -514,5 +516,13 @@ impl Store for SqliteStore {
             .await
             .map_err(backend)?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn mark_all_spaces_idle(&self) -> Result<u64> {
+        let done = sqlx::query(MARK_ALL_IDLE)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
     }
 }

@@ -211,17 +211,19 @@ pub async fn delete(
             "The space is active; it can be deleted once every participant has left".into(),
         )
     };
-    // The store learns of a first join a moment after it happens; the gateway knows now.
-    // (Only for a space of the caller's environment: others' spaces are a plain 404.)
-    if state.gateway.is_space_live(&id)
-        && state
-            .store
-            .space(&caller.environment_id, &id)
-            .await?
-            .is_some()
-    {
-        return Err(active());
-    }
+    // The store learns of a first join a moment after it happens; the gateway knows now,
+    // and refuses joins while the delete runs, so no join slips in between this check and
+    // the store's delete. (Only a space of the caller's environment is "active": others'
+    // spaces are a plain 404.)
+    let _deleting = match state.gateway.begin_delete(&id).await {
+        Ok(claim) => claim,
+        Err(_) => {
+            return match state.store.space(&caller.environment_id, &id).await? {
+                Some(_) => Err(active()),
+                None => Err(ApiError::NotFound),
+            };
+        }
+    };
     match state
         .store
         .delete_space(&caller.environment_id, &id)

@@ -41,6 +41,8 @@ pub(super) struct ActivityQueue {
     /// False after a write failed, until one succeeds (failed batches are retried every
     /// second): `/readyz` reports it.
     up: AtomicBool,
+    /// A batch is being written now.
+    writing: AtomicBool,
 }
 
 impl ActivityQueue {
@@ -51,6 +53,7 @@ impl ActivityQueue {
             pending: Mutex::new(HashMap::new()),
             wake,
             up: AtomicBool::new(true),
+            writing: AtomicBool::new(false),
         });
         tokio::spawn(write_all(Arc::downgrade(&queue), rx, store, metrics));
         queue
@@ -65,6 +68,22 @@ impl ActivityQueue {
     pub(super) fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
+
+    /// Waits (up to `grace`) until every transition pushed so far is written: a drained
+    /// node exits with the store telling the truth. Whether it got there.
+    pub(super) async fn flushed(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        loop {
+            let idle = lock(&self.pending).is_empty() && !self.writing.load(Ordering::Acquire);
+            if idle {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 async fn write_all(
@@ -76,6 +95,8 @@ async fn write_all(
     while wake.recv().await.is_some() {
         tokio::time::sleep(BATCH_WINDOW).await;
         let Some(q) = queue.upgrade() else { return };
+        // Set before the pending map empties, so `flushed` never sees neither.
+        q.writing.store(true, Ordering::Release);
         let batch: Vec<(SpaceId, Option<SessionId>)> = lock(&q.pending)
             .drain()
             .map(|(space, a)| match a {
@@ -116,6 +137,7 @@ async fn write_all(
         };
         metrics.store_write(started.elapsed(), ok);
         q.up.store(ok, Ordering::Relaxed);
+        q.writing.store(false, Ordering::Release);
         drop(q);
         if !ok {
             tokio::time::sleep(RETRY_AFTER).await;

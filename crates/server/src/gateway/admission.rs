@@ -474,6 +474,15 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     };
     gw.metrics
         .join_stage(JoinStage::Registry, reserve_started.elapsed());
+    // After the claim: a delete that marked the space before it is seen here, and one
+    // that marks it after sees the claim (`Gateway::begin_delete`).
+    if gw.is_being_deleted(&claims.space_id) {
+        return Err(join_error(
+            O::InvalidToken,
+            JoinErrorType::InvalidJwt,
+            "invalid token: the space is being deleted",
+        ));
+    }
 
     // The SDK sends nothing before `joined`; anything already waiting is not the SDK.
     if let Ok(Some(Ok(Message::Text(_) | Message::Binary(_)))) =

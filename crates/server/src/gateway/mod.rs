@@ -37,6 +37,7 @@ pub(crate) use admission::{PeerIp, join};
 pub(crate) use limits::source_address;
 /// The largest message a client may send.
 pub(crate) use spacegate_proto::signaling::MAX_FRAME_BYTES;
+pub use spaces::{DeleteClaim, SpaceBusy};
 pub(crate) use ws::{Ws, switching_protocols};
 
 /// Close code that tells the SDK not to reconnect.
@@ -144,6 +145,8 @@ pub struct Gateway {
     /// WebSocket connections held (admitting or joined), against `max_connections`.
     open_connections: Arc<std::sync::atomic::AtomicUsize>,
     join_rates: Mutex<limits::JoinRates>,
+    /// Spaces a REST delete is removing: joins that reach the registry are refused.
+    deleting: Mutex<std::collections::HashSet<SpaceId>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -186,6 +189,7 @@ impl Gateway {
             metrics,
             open_connections: Arc::default(),
             join_rates: Mutex::default(),
+            deleting: Mutex::default(),
         });
         // Started only once the gateway exists: the thread stops when it can no longer
         // reach the gateway, and one started inside `Arc::new_cyclic` could run before the
@@ -230,6 +234,13 @@ impl Gateway {
         let deadline = Instant::now() + grace;
         while self.connection_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Their leaves made spaces idle: written before the process exits, so the store
+        // is true after a restart without relying on the start-up sweep.
+        if !self.activity.flushed(grace).await {
+            tracing::warn!(
+                "space status not fully written at shutdown; the next start marks every space idle"
+            );
         }
     }
 

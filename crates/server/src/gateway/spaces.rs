@@ -22,6 +22,31 @@ pub(super) struct Slot {
 impl Gateway {
     /// Whether anyone is connected to `space` on this node right now. The store's status
     /// lags behind by one queued write; the REST API checks this too before deleting.
+    /// Claims `space` for a REST delete: refused while anyone is connected to it or holds
+    /// a registry claim on it (a join between its check and its `joined`). While the
+    /// returned guard lives, joins that reach the registry are refused, so a join and a
+    /// delete never both succeed: each checks the other's mark after making its own.
+    pub async fn begin_delete(&self, space: &SpaceId) -> Result<DeleteClaim<'_>, SpaceBusy> {
+        lock(&self.deleting).insert(space.clone());
+        let claim = DeleteClaim {
+            gateway: self,
+            space: space.clone(),
+        };
+        if self.is_space_live(space) {
+            return Err(SpaceBusy);
+        }
+        match self.registry.participants(space).await {
+            Ok(p) if p.is_empty() => Ok(claim),
+            // Someone is joining; or the registry cannot tell, so nothing is deleted.
+            _ => Err(SpaceBusy),
+        }
+    }
+
+    /// Whether a delete of `space` is under way (see [`Gateway::begin_delete`]).
+    pub(super) fn is_being_deleted(&self, space: &SpaceId) -> bool {
+        lock(&self.deleting).contains(space)
+    }
+
     pub fn is_space_live(&self, space: &SpaceId) -> bool {
         lock(&self.spaces)
             .get(space)
@@ -129,5 +154,22 @@ impl Gateway {
                 }
             }
         }
+    }
+}
+
+/// The space has participants, or someone is joining it.
+#[derive(Debug)]
+pub struct SpaceBusy;
+
+/// A delete under way; dropping it ends the mark (after the store delete, or on failure).
+#[derive(Debug)]
+pub struct DeleteClaim<'a> {
+    gateway: &'a Gateway,
+    space: SpaceId,
+}
+
+impl Drop for DeleteClaim<'_> {
+    fn drop(&mut self) {
+        lock(&self.gateway.deleting).remove(&self.space);
     }
 }
