@@ -958,6 +958,48 @@ async fn a_delete_and_a_join_never_both_succeed() {
 }
 
 #[tokio::test]
+async fn a_connection_whose_task_panics_frees_everything_it_held() {
+    let fx = Fx::new().await;
+    let mut bob = fx.join("bob").await;
+    let alice = fx.join("alice").await;
+    let ServerMessage::ParticipantConnected(_) = next_message(&mut bob).await else {
+        panic!("alice connected")
+    };
+    let conn: spacegate_proto::ConnectionId =
+        alice.joined().connection_id.parse().expect("connection id");
+    fx.s.state.gateway.panic_connection_for_tests(&conn);
+    // The others hear the leave, and the id is free again: a fresh join (not a reconnect)
+    // of alice is admitted.
+    let ServerMessage::ParticipantDisconnected(d) = next_message(&mut bob).await else {
+        panic!("alice left")
+    };
+    assert_eq!(d.connection_id, conn.as_str());
+    let mut again = None;
+    for _ in 0..200 {
+        match fx
+            .join_with(
+                &fx.token(Some("alice"), Role::Publisher),
+                JoinOptions::default(),
+            )
+            .await
+        {
+            Ok(s) => {
+                again = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    assert!(again.is_some(), "alice's id was freed");
+    assert_eq!(
+        fx.s.state.gateway.connection_count(),
+        2,
+        "bob and the new alice"
+    );
+    drop(alice);
+}
+
+#[tokio::test]
 async fn reconnects_may_use_a_recently_expired_token() {
     let fx = Fx::with(GatewayConfig {
         leeway_secs: 0,

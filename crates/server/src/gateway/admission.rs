@@ -17,6 +17,7 @@ use spacegate_session::{ReserveError, ReserveMode, ReserveRequest};
 use spacegate_signaling::Joiner;
 
 use super::connection::{close_gracefully, send_text_timed, serve};
+use super::membership::Membership;
 use super::outbox::Outbox;
 use super::ws::{Message, Ws};
 use super::{CLOSE_NO_RECONNECT, Gateway, lock};
@@ -152,7 +153,7 @@ pub(crate) async fn join(state: AppState, params: JoinParams, mut socket: Ws, st
             {
                 Ok(r) => r.map(|a| (a, permit)),
                 // A store or registry that hangs: the claim, if one was made, is released
-                // by its guard.
+                // by its guard (`Membership`).
                 Err(_) => {
                     tracing::warn!("a join's admission timed out");
                     Err(unavailable())
@@ -178,37 +179,6 @@ pub(crate) async fn join(state: AppState, params: JoinParams, mut socket: Ws, st
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PeerIp(pub(crate) std::net::IpAddr);
 
-/// A registry claim made during admission, released if the admission does not finish
-/// (refused later, timed out, cancelled, panicked): a participant id is never left taken by
-/// a join that never happened.
-struct Claim {
-    registry: Arc<dyn spacegate_session::Registry>,
-    key: Option<(SpaceId, ParticipantId, ConnectionId)>,
-}
-
-impl Claim {
-    /// The join went through: the connection now owns the claim.
-    fn keep(mut self) {
-        self.key = None;
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let Some((space, participant, connection)) = self.key.take() else {
-            return;
-        };
-        let registry = self.registry.clone();
-        // Drop cannot await; the release is one registry operation. Without a runtime
-        // (process exit) there is nothing left to release for.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = registry.release(&space, &participant, &connection).await;
-            });
-        }
-    }
-}
-
 /// Sends the SDK's `error`, then closes with 4000 so it does not retry.
 async fn refuse(mut socket: Ws, body: ErrorBody) {
     let frame = Envelope::new(ServerMessage::Error(body)).to_json();
@@ -218,6 +188,7 @@ async fn refuse(mut socket: Ws, body: ErrorBody) {
 }
 
 pub(super) struct Admitted {
+    pub(super) membership: Membership,
     pub(super) space: SpaceId,
     pub(super) joiner: Joiner,
     pub(super) credential: String,
@@ -464,14 +435,13 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
             unavailable()
         }
     })?;
-    let claim = Claim {
-        registry: gw.registry.clone(),
-        key: Some((
-            claims.space_id.clone(),
-            participant_id.clone(),
-            connection_id.clone(),
-        )),
-    };
+    // From here on every way out releases the claim: the guard's drop, or its `end`.
+    let mut membership = Membership::claimed(
+        gw.clone(),
+        claims.space_id.clone(),
+        participant_id.clone(),
+        connection_id.clone(),
+    );
     gw.metrics
         .join_stage(JoinStage::Registry, reserve_started.elapsed());
     // After the claim: a delete that marked the space before it is seen here, and one
@@ -496,9 +466,8 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     }
 
     let outbox = Arc::new(Outbox::new(gw.config.outbound_queue));
-    // From here on nothing can fail or wait: the connection owns the claim.
-    claim.keep();
     lock(&gw.conns).insert(connection_id.clone(), outbox.clone());
+    membership.registered();
     // After the insert: a drain that began meanwhile either saw this connection or is
     // seen here.
     if gw.draining.load(std::sync::atomic::Ordering::SeqCst) {
@@ -520,6 +489,7 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
         sdp: spacegate_sfu::initial_offer(now),
     }];
     Ok(Admitted {
+        membership,
         credential,
         space: claims.space_id,
         joiner: Joiner {

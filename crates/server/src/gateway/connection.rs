@@ -10,10 +10,11 @@ use spacegate_proto::signaling::{
 };
 use spacegate_signaling::{FloodGuard, Liveness, LivenessAction};
 
+use super::CLOSE_NO_RECONNECT;
 use super::admission::Admitted;
+use super::membership::Membership;
 use super::outbox::Next;
 use super::ws::{Message, Ws};
-use super::{CLOSE_NO_RECONNECT, lock};
 use crate::AppState;
 use crate::ids::random_base62;
 use crate::metrics::{JoinOutcome, JoinStage};
@@ -46,19 +47,20 @@ pub(super) async fn serve(
 ) {
     let gw = state.gateway.clone();
     let Admitted {
+        mut membership,
         space,
         joiner,
         credential,
         outbox,
     } = a;
     let conn = joiner.connection_id.clone();
-    let participant = joiner.participant_id.clone();
     let session = SessionId::new(random_base62(24))
         .unwrap_or_else(|_| SessionId::new("session").expect("valid"));
     let now = gw.now_ms();
     let stage = Instant::now();
     // Also hands the member to the media plane, if its space has media.
     gw.with_space(&space, |s, out| s.join(joiner, session, now, out));
+    membership.joined(credential);
     gw.metrics.join_stage(JoinStage::Space, stage.elapsed());
     gw.metrics.join(JoinOutcome::Joined, started.elapsed());
 
@@ -81,6 +83,7 @@ pub(super) async fn serve(
         let act = tokio::select! {
             next = outbox.next() => match next {
                 Next::Frame(frame) => Act::Send(frame),
+                Next::Close(super::PANIC_FOR_TESTS) => panic!("a test asked this connection's task to panic"),
                 Next::Close(code) => Act::End(Some(code)),
             },
             incoming = socket.recv() => {
@@ -133,16 +136,7 @@ pub(super) async fn serve(
             break None;
         }
     };
-    Box::pin(leave(
-        gw,
-        socket,
-        close_code,
-        space,
-        participant,
-        conn,
-        credential,
-    ))
-    .await;
+    Box::pin(leave(socket, close_code, membership)).await;
 }
 
 /// Liveness deadlines (pings, evictions) are rounded up to a grid of a fortieth of the ping
@@ -176,26 +170,13 @@ fn error_frame(message: String) -> String {
 
 /// The end of a connection: close (if it was ours to close), then out of the space (and
 /// with it the media plane) and the registry.
-async fn leave(
-    gw: std::sync::Arc<super::Gateway>,
-    mut socket: Ws,
-    close_code: Option<u16>,
-    space: spacegate_proto::SpaceId,
-    participant: spacegate_proto::ParticipantId,
-    conn: spacegate_proto::ConnectionId,
-    credential: String,
-) {
+async fn leave(mut socket: Ws, close_code: Option<u16>, membership: Membership) {
     if let Some(code) = close_code {
         close_gracefully(&mut socket, code).await;
     }
     drop(socket);
-    lock(&gw.conns).remove(&conn);
-    gw.record_departure(&space, &participant, credential);
-    // Also takes the member out of the media plane, if it was there.
-    gw.with_space(&space, |s, out| s.leave(&conn, out));
-    if let Err(e) = gw.registry.release(&space, &participant, &conn).await {
-        tracing::error!(error = %e, "registry release failed");
-    }
+    // Out of the connection map, the space (and with it the media plane) and the registry.
+    membership.end().await;
 }
 
 /// A write that cannot complete in this time means the peer stopped reading.

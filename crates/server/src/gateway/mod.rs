@@ -18,6 +18,7 @@ mod activity;
 mod admission;
 mod connection;
 mod limits;
+mod membership;
 mod outbox;
 mod spaces;
 pub(crate) mod ws;
@@ -93,6 +94,10 @@ pub struct GatewayConfig {
     /// A client must send its whole HTTP request head within this (slowloris).
     pub head_timeout: Duration,
 }
+
+/// Not a close code: the "close" that makes a connection's task panic, for tests only
+/// (outside the 1000–4999 range a peer could ever see).
+const PANIC_FOR_TESTS: u16 = 65_000;
 
 /// Used when the open-file limit cannot be read; `main` derives the real default from it.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -256,6 +261,15 @@ impl Gateway {
     fn ask_to_reconnect(&self, to: &ConnectionId) {
         if let Some(c) = lock(&self.conns).get(to) {
             c.close(CLOSE_RESTART);
+        }
+    }
+
+    /// Makes one connection's task panic, to show its guard frees everything it held.
+    /// Tests only.
+    #[doc(hidden)]
+    pub fn panic_connection_for_tests(&self, conn: &ConnectionId) {
+        if let Some(c) = lock(&self.conns).get(conn) {
+            c.close(PANIC_FOR_TESTS);
         }
     }
 

@@ -1,0 +1,114 @@
+//! One guard for everything a participant holds on this node: its registry claim, its
+//! connection entry, its place in the space (and with it the media plane), and, once it
+//! has been in the space, its departure record. The normal end releases them in order
+//! ([`Membership::end`]); anything else (a refusal after the claim, a timed-out or
+//! cancelled admission, a panic in the connection's task) drops the guard, and the drop
+//! releases whatever was taken, so a participant id is never left taken by a join that
+//! never happened or a connection that died.
+
+use std::sync::Arc;
+
+use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
+
+use super::{Gateway, lock};
+
+pub(super) struct Membership {
+    gw: Arc<Gateway>,
+    space: SpaceId,
+    participant: ParticipantId,
+    conn: ConnectionId,
+    /// In `gw.conns`.
+    registered: bool,
+    /// In the space's state machine; the credential goes into the departure record.
+    joined: Option<String>,
+    ended: bool,
+}
+
+impl Membership {
+    /// Right after the registry claim.
+    pub(super) fn claimed(
+        gw: Arc<Gateway>,
+        space: SpaceId,
+        participant: ParticipantId,
+        conn: ConnectionId,
+    ) -> Self {
+        Membership {
+            gw,
+            space,
+            participant,
+            conn,
+            registered: false,
+            joined: None,
+            ended: false,
+        }
+    }
+
+    /// The connection entry exists.
+    pub(super) fn registered(&mut self) {
+        self.registered = true;
+    }
+
+    /// The member is in the space.
+    pub(super) fn joined(&mut self, credential: String) {
+        self.joined = Some(credential);
+    }
+
+    /// The normal end: everything released, the registry last and awaited, so the id is
+    /// free when this returns.
+    pub(super) async fn end(mut self) {
+        self.ended = true;
+        self.release_local(false);
+        if let Err(e) = self
+            .gw
+            .registry
+            .release(&self.space, &self.participant, &self.conn)
+            .await
+        {
+            tracing::error!(error = %e, "registry release failed");
+        }
+    }
+
+    /// Connection entry, departure record, space membership. During a panic the space's
+    /// own state may be what panicked: its leave runs on a task of its own then, not in
+    /// the middle of the unwinding.
+    fn release_local(&mut self, deferred: bool) {
+        if self.registered {
+            lock(&self.gw.conns).remove(&self.conn);
+        }
+        let Some(credential) = self.joined.take() else {
+            return;
+        };
+        self.gw
+            .record_departure(&self.space, &self.participant, credential);
+        let (gw, space, conn) = (self.gw.clone(), self.space.clone(), self.conn.clone());
+        let leave = move || gw.with_space(&space, |s, out| s.leave(&conn, out));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if deferred => {
+                rt.spawn(async move { leave() });
+            }
+            _ => leave(),
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.release_local(std::thread::panicking());
+        let (gw, space, participant, conn) = (
+            self.gw.clone(),
+            self.space.clone(),
+            self.participant.clone(),
+            self.conn.clone(),
+        );
+        // Drop cannot await; the release is one registry operation. Without a runtime
+        // (process exit) there is nothing left to release for.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = gw.registry.release(&space, &participant, &conn).await;
+            });
+        }
+    }
+}
