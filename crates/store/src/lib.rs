@@ -14,7 +14,7 @@ pub use model::{
     AccessTokenRecord, DeleteSpaceOutcome, Environment, Page, Permissions, SigningKeyRecord,
     SpaceRecord, SpaceStatus,
 };
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 use async_trait::async_trait;
 use spacegate_proto::{AccessTokenId, EnvironmentId, KeyId, SessionId, SpaceId};
@@ -27,8 +27,25 @@ pub enum StoreError {
     /// Stored data that no longer parses (a row written by a newer version, a hand edit).
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The disk (or the database's size cap) is full: retrying will fail the same way
+    /// until an operator frees space.
+    #[error("storage is full: {0}")]
+    Full(String),
+    /// The database is read-only (file permissions, a read-only mount, a replica).
+    #[error("storage is read-only: {0}")]
+    ReadOnly(String),
+    /// Busy or unreachable for now (locked, timed out): retrying may succeed.
+    #[error("storage is unavailable: {0}")]
+    Unavailable(String),
     #[error("storage backend failed: {0}")]
     Backend(String),
+}
+
+impl StoreError {
+    /// Whether the same request may succeed if retried later without anyone's help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Backend(_))
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -74,12 +74,49 @@ pub struct SqliteStore {
 }
 
 fn backend(e: sqlx::Error) -> StoreError {
-    if let sqlx::Error::Database(db) = &e
-        && db.is_unique_violation()
-    {
-        return StoreError::Conflict(db.message().to_string());
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            return StoreError::Conflict(db.message().to_string());
+        }
+        sqlx::Error::Database(db) => {
+            // SQLite's (extended) result code; the primary code is its low byte.
+            let primary = db
+                .code()
+                .and_then(|c| c.parse::<i64>().ok())
+                .map(|c| c & 0xff);
+            match primary {
+                // SQLITE_FULL: the disk, or `max_page_count`.
+                Some(13) => return StoreError::Full(db.message().to_string()),
+                // SQLITE_READONLY.
+                Some(8) => return StoreError::ReadOnly(db.message().to_string()),
+                // SQLITE_BUSY, SQLITE_LOCKED: another connection holds the database.
+                Some(5 | 6) => return StoreError::Unavailable(db.message().to_string()),
+                _ => {}
+            }
+        }
+        sqlx::Error::PoolTimedOut => return StoreError::Unavailable(e.to_string()),
+        _ => {}
     }
     StoreError::Backend(e.to_string())
+}
+
+/// How the embedded store is opened.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// How long a statement waits for another connection's lock (the CLI may write while
+    /// the server runs) before failing as unavailable.
+    pub busy_timeout: Duration,
+    /// Largest the database may grow, in bytes; beyond, writes fail as on a full disk.
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            busy_timeout: Duration::from_secs(10),
+            max_bytes: None,
+        }
+    }
 }
 
 impl SqliteStore {
@@ -92,7 +129,19 @@ impl SqliteStore {
     }
 
     pub async fn open_file(path: &Path) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str("sqlite:")
+        Self::open_file_with(path, &SqliteOptions::default()).await
+    }
+
+    /// [`SqliteStore::open_dir`] with options.
+    pub async fn open_dir_with(dir: &Path, o: &SqliteOptions) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Backend(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        Self::open_file_with(&dir.join("spacegate.db"), o).await
+    }
+
+    pub async fn open_file_with(path: &Path, o: &SqliteOptions) -> Result<Self> {
+        let mut options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(backend)?
             .filename(path)
             .create_if_missing(true)
@@ -101,7 +150,11 @@ impl SqliteStore {
             .foreign_keys(true)
             // Writers queue on SQLite's lock instead of failing: the CLI may write while
             // the server runs.
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(o.busy_timeout);
+        if let Some(max) = o.max_bytes {
+            // Pages of SQLite's default 4 KiB; writes beyond fail as a full disk would.
+            options = options.pragma("max_page_count", (max / 4096).max(1).to_string());
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)

@@ -27,6 +27,15 @@ pub enum ApiError {
     NotImplemented(String),
     #[error("internal error")]
     Internal(String),
+    /// The store is busy, slow or down; the same request may succeed later.
+    #[error("The service is temporarily unavailable; try again")]
+    Unavailable(String),
+    /// The store is full: nothing can be written until an operator frees space.
+    #[error("The service cannot store this: its storage is full")]
+    StorageFull(String),
+    /// The store is read-only: retrying will not help.
+    #[error("The service cannot store this: its storage is read-only")]
+    ReadOnly(String),
 }
 
 /// Mux's error body.
@@ -55,13 +64,22 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_parameters"),
             ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            ApiError::Unavailable(_) | ApiError::ReadOnly(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable")
+            }
+            ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
         }
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        match e {
+            StoreError::Full(_) => ApiError::StorageFull(e.to_string()),
+            StoreError::ReadOnly(_) => ApiError::ReadOnly(e.to_string()),
+            StoreError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
     }
 }
 
@@ -73,6 +91,12 @@ impl IntoResponse for ApiError {
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "request failed");
                 "Internal server error".to_string()
+            }
+            ApiError::Unavailable(detail)
+            | ApiError::StorageFull(detail)
+            | ApiError::ReadOnly(detail) => {
+                tracing::warn!(%detail, "store refused a request");
+                self.to_string()
             }
             other => other.to_string(),
         };
@@ -86,7 +110,7 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         // mux-node 8 retries 408/409/429/5xx unless told not to. Only a failing store is
         // worth retrying; every other error will fail the same way again.
-        if !matches!(self, ApiError::Internal(_)) {
+        if !matches!(self, ApiError::Internal(_) | ApiError::Unavailable(_)) {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         if matches!(self, ApiError::Unauthorized) {

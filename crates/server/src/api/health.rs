@@ -25,7 +25,21 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             Json(json!({"status": "media_or_store_writer_down"})),
         );
     }
-    match state.store.ping().await {
+    // Bounded: a store that hangs is "not ready", answered at once, not a probe that
+    // times out on the load balancer's side.
+    let limit = state
+        .gateway
+        .config
+        .request_timeout
+        .min(std::time::Duration::from_secs(2));
+    let ping = tokio::time::timeout(limit, state.store.ping())
+        .await
+        .unwrap_or_else(|_| {
+            Err(spacegate_store::StoreError::Unavailable(
+                "ping timed out".into(),
+            ))
+        });
+    match ping {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Err(e) => {
             tracing::warn!(error = %e, "store not ready");

@@ -91,5 +91,24 @@ pub fn router(state: AppState) -> Router {
     r.fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_timeout,
+        ))
         .with_state(state)
+}
+
+/// Every request finishes within `request_timeout` or gets a 503 the client may retry: a
+/// store that hangs (locked, a stalled disk) must not hold requests, and the sockets under
+/// them, without end.
+async fn request_timeout(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    match tokio::time::timeout(state.gateway.config.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Unavailable("the request timed out".into()).into_response(),
+    }
 }

@@ -93,6 +93,9 @@ pub struct GatewayConfig {
     pub admission_timeout: Duration,
     /// A client must send its whole HTTP request head within this (slowloris).
     pub head_timeout: Duration,
+    /// Every REST request is answered within this, with a 503 if the store did not
+    /// answer in time; `/readyz` waits at most this (and at most 2 s) for the store.
+    pub request_timeout: Duration,
 }
 
 /// Not a close code: the "close" that makes a connection's task panic, for tests only
@@ -126,6 +129,7 @@ impl Default for GatewayConfig {
             trust_forwarded_for: false,
             admission_timeout: Duration::from_secs(10),
             head_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }

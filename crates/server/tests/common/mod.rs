@@ -8,7 +8,7 @@ use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
 use spacegate_server::gateway::GatewayConfig;
 use spacegate_server::{AppState, now_secs, tokens};
-use spacegate_store::{Permissions, SqliteStore};
+use spacegate_store::{Permissions, SqliteOptions, SqliteStore};
 use tokio::sync::oneshot;
 
 pub struct TestServer {
@@ -16,7 +16,7 @@ pub struct TestServer {
     pub state: AppState,
     pub token: (String, String),
     pub http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -30,6 +30,11 @@ impl TestServer {
     /// production: the test's clients (webrtc-rs among them) must not be able to starve
     /// the server's tasks by occupying the runtime they share.
     pub async fn start_with(config: GatewayConfig) -> Self {
+        Self::start_with_store(config, SqliteOptions::default()).await
+    }
+
+    /// With the store opened with `store` (a size cap, a short lock wait).
+    pub async fn start_with_store(config: GatewayConfig, store: SqliteOptions) -> Self {
         if let Ok(filter) = std::env::var("SPACEGATE_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(filter)
@@ -47,7 +52,9 @@ impl TestServer {
                 .build()
                 .expect("server runtime");
             rt.block_on(async move {
-                let store = SqliteStore::open_dir(&path).await.expect("store");
+                let store = SqliteStore::open_dir_with(&path, &store)
+                    .await
+                    .expect("store");
                 let token = tokens::bootstrap(&store, "default", now_secs())
                     .await
                     .expect("bootstrap")
@@ -76,7 +83,7 @@ impl TestServer {
             state,
             token,
             http: reqwest::Client::new(),
-            _dir: dir,
+            dir,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -197,7 +204,11 @@ impl Fx {
     }
 
     pub async fn with(config: GatewayConfig) -> Self {
-        let s = TestServer::start_with(config).await;
+        Self::with_store(config, SqliteOptions::default()).await
+    }
+
+    pub async fn with_store(config: GatewayConfig, store: SqliteOptions) -> Self {
+        let s = TestServer::start_with_store(config, store).await;
         let space = s.create_space(serde_json::json!({})).await["id"]
             .as_str()
             .expect("id")
