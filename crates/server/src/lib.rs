@@ -5,6 +5,7 @@
 //! server is a library function, [`run`], so tests start it on port 0 in-process.
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod ids;

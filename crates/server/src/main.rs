@@ -271,6 +271,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 // Port 0 for HTTP means "any free port"; media gets its own free one.
                 listen: media_listen,
                 public_ip: config.media_public_ip,
+                ..MediaConfig::default()
             },
             max_connections: config
                 .max_connections

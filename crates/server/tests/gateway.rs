@@ -1046,7 +1046,7 @@ async fn reconnects_may_use_a_recently_expired_token() {
         .expect("valid now");
     let anon_id = anon.joined().participant_id.clone();
     anon.leave().await;
-    tokio::time::sleep(Duration::from_millis(2100)).await; // past the token's one-second life
+    fx.s.state.gateway.config.clock.advance(2); // past the token's one-second life
     let (kind, _, _) = refused(fx.join_with(&anon_token, JoinOptions::default()).await);
     assert_eq!(kind, 6, "expired for a fresh join");
     let again = fx

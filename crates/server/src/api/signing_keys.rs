@@ -19,7 +19,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{json_body, page, path_id};
 use super::spaces::ListParams;
-use crate::{AppState, ids, now_secs};
+use crate::{AppState, ids};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SigningKey {
@@ -79,7 +79,7 @@ pub async fn create(
         id: ids::new_id(),
         environment_id: caller.environment_id,
         public_key_der: pair.public_key_der(),
-        created_at: now_secs(),
+        created_at: state.gateway.config.clock.now_secs(),
     };
     state.store.insert_signing_key(&record).await?;
     // A token with this kid tried a moment ago must not stay "unknown".

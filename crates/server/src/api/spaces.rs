@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{json_body, page, path_id};
-use crate::{AppState, ids, now_secs};
+use crate::{AppState, ids};
 
 /// Longest `passthrough` Mux accepts.
 pub const MAX_PASSTHROUGH_CHARS: usize = 255;
@@ -142,7 +142,7 @@ pub async fn create(
         passthrough: req.passthrough,
         status: SpaceStatus::Idle,
         active_session_id: None,
-        created_at: now_secs(),
+        created_at: state.gateway.config.clock.now_secs(),
     };
     state.store.insert_space(&record).await?;
     Ok((

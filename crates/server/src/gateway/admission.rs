@@ -240,7 +240,7 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
         .token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| join_error(O::InvalidToken, JoinErrorType::InvalidJwt, "missing token"))?;
-    let now = u64::try_from(crate::now_secs()).unwrap_or(0);
+    let now = u64::try_from(gw.config.clock.now_secs()).unwrap_or(0);
     let options = VerifyOptions {
         leeway_secs: gw.config.leeway_secs,
         expiry_grace_secs: 0,

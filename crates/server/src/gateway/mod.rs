@@ -96,6 +96,8 @@ pub struct GatewayConfig {
     /// Every REST request is answered within this, with a 503 if the store did not
     /// answer in time; `/readyz` waits at most this (and at most 2 s) for the store.
     pub request_timeout: Duration,
+    /// The wall clock of token checks and `created_at` (tests move it).
+    pub clock: crate::clock::Clock,
 }
 
 /// Not a close code: the "close" that makes a connection's task panic, for tests only
@@ -130,6 +132,7 @@ impl Default for GatewayConfig {
             admission_timeout: Duration::from_secs(10),
             head_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            clock: crate::clock::Clock::default(),
         }
     }
 }
@@ -204,7 +207,13 @@ impl Gateway {
         // reach the gateway, and one started inside `Arc::new_cyclic` could run before the
         // Arc is complete, find nothing, and stop for good.
         let sink: Arc<dyn MediaEvents> = gateway.clone();
-        crate::media::spawn(socket, &gateway.media, media_rx, Arc::downgrade(&sink))?;
+        crate::media::spawn(
+            socket,
+            &gateway.media,
+            media_rx,
+            Arc::downgrade(&sink),
+            gateway.config.media.keyframe_interval,
+        )?;
         Ok(gateway)
     }
 

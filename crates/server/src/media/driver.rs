@@ -1,6 +1,6 @@
 //! The media thread: one SFU, one UDP socket, one command queue; restarted after a panic.
 
-use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::net::UdpSocket as StdUdpSocket;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -22,28 +22,33 @@ pub fn spawn(
     handle: &MediaHandle,
     rx: Receiver,
     events: Weak<dyn MediaEvents>,
+    keyframe_interval: std::time::Duration,
 ) -> std::io::Result<()> {
     let (up, stats, candidate) = (handle.up.clone(), handle.metrics.clone(), handle.candidate);
+    let config = SfuConfig {
+        keyframe_interval,
+        ..SfuConfig::new(candidate)
+    };
     // Up from the moment it is started, not from when the thread first runs: `/readyz`
     // right after start must not see a plane that is merely still being scheduled.
     up.store(true, Ordering::Relaxed);
     std::thread::Builder::new()
         .name("spacegate-media".into())
-        .spawn(move || supervise(socket, candidate, rx, events, up, stats))?;
+        .spawn(move || supervise(socket, config, rx, events, up, stats))?;
     Ok(())
 }
 
 fn supervise(
     socket: StdUdpSocket,
-    candidate: SocketAddr,
+    config: SfuConfig,
     mut rx: Receiver,
     events: Weak<dyn MediaEvents>,
     up: Arc<AtomicBool>,
     stats: Arc<Metrics>,
 ) {
-    let span = tracing::debug_span!("media", %candidate);
+    let span = tracing::debug_span!("media", candidate = %config.candidate);
     let _enter = span.enter();
-    let mut sfu = Sfu::new(SfuConfig::new(candidate), Instant::now());
+    let mut sfu = Sfu::new(config.clone(), Instant::now());
     loop {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -69,15 +74,15 @@ fn supervise(
         stats.media_restarts.inc();
         tracing::error!("the media plane panicked; restarting it");
         let Some(sink) = events.upgrade() else { return };
-        sfu = recover(sfu, candidate, sink.as_ref());
+        sfu = recover(sfu, &config, sink.as_ref());
     }
 }
 
 /// A fresh SFU holding every member of `old` that had no peer connection (their clients
 /// hold nothing the new SFU lacks); members that had one are asked to reconnect.
-fn recover(old: Sfu, candidate: SocketAddr, sink: &dyn MediaEvents) -> Sfu {
+fn recover(old: Sfu, config: &SfuConfig, sink: &dyn MediaEvents) -> Sfu {
     let now = Instant::now();
-    let mut fresh = Sfu::new(SfuConfig::new(candidate), now);
+    let mut fresh = Sfu::new(config.clone(), now);
     // The old SFU panicked mid-update; reading it may panic too.
     let members = std::panic::catch_unwind(AssertUnwindSafe(|| {
         old.members()

@@ -48,6 +48,9 @@ pub struct MediaConfig {
     pub listen: SocketAddr,
     /// The address clients reach `listen` at, when it differs (NAT, containers).
     pub public_ip: Option<IpAddr>,
+    /// Minimum time between keyframe requests to one publisher layer (see
+    /// `spacegate_sfu::SfuConfig::keyframe_interval`).
+    pub keyframe_interval: std::time::Duration,
 }
 
 impl Default for MediaConfig {
@@ -55,6 +58,8 @@ impl Default for MediaConfig {
         MediaConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             public_ip: None,
+            keyframe_interval: spacegate_sfu::SfuConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .keyframe_interval,
         }
     }
 }
