@@ -194,6 +194,7 @@ async fn open_store(config: &Config) -> Result<SqliteStore> {
 /// objects across tasks, and glibc spent ~9 % of a join storm's CPU in `malloc`,
 /// `free` and `malloc_consolidate` (perf); its per-chunk headers also add to every idle
 /// connection's memory.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

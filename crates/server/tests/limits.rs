@@ -14,6 +14,7 @@ use spacegate_client::{ClientError, JoinOptions, Session, join_url};
 use spacegate_proto::Role;
 use spacegate_proto::signaling::{Envelope, ServerMessage};
 use spacegate_server::gateway::GatewayConfig;
+use spacegate_session::Registry as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -240,4 +241,91 @@ async fn unknown_key_ids_do_not_each_query_the_store() {
     assert!(try_again > 0);
     // A real key keeps working meanwhile (cached, no lookup needed).
     fx.try_join("alice").await.expect("a real key still joins");
+}
+
+/// The real in-memory registry, whose claims stall after they are made while `stall` is
+/// set: what a registry whose reply is lost or late (a Redis failover) looks like to the
+/// gateway.
+#[derive(Debug, Default)]
+struct StallingRegistry {
+    inner: spacegate_session::MemoryRegistry,
+    stall: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl spacegate_session::Registry for StallingRegistry {
+    async fn reserve(
+        &self,
+        r: spacegate_session::ReserveRequest<'_>,
+    ) -> Result<spacegate_session::Reservation, spacegate_session::ReserveError> {
+        let claimed = self.inner.reserve(r).await;
+        if self.stall.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        claimed
+    }
+
+    async fn release(
+        &self,
+        space: &spacegate_proto::SpaceId,
+        participant: &spacegate_proto::ParticipantId,
+        connection: &spacegate_proto::ConnectionId,
+    ) -> Result<bool, spacegate_session::ReserveError> {
+        self.inner.release(space, participant, connection).await
+    }
+
+    async fn participants(
+        &self,
+        space: &spacegate_proto::SpaceId,
+    ) -> Result<
+        Vec<(
+            spacegate_proto::ParticipantId,
+            spacegate_proto::ConnectionId,
+        )>,
+        spacegate_session::ReserveError,
+    > {
+        self.inner.participants(space).await
+    }
+}
+
+#[tokio::test]
+async fn an_admission_that_outlasts_its_timeout_is_told_to_try_again_and_leaves_no_claim() {
+    let registry = std::sync::Arc::new(StallingRegistry::default());
+    let fx = Fx::with_parts(
+        GatewayConfig {
+            admission_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        spacegate_store::SqliteOptions::default(),
+        registry.clone(),
+    )
+    .await;
+    registry
+        .stall
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (kind, message) = refused(fx.try_join("alice").await);
+    assert_eq!(kind, 7, "{message}");
+    assert!(message.contains("try again"), "{message}");
+    // The registry did make the claim before it stalled; the admission's guard released
+    // it, so alice is not locked out once the registry answers again.
+    registry
+        .stall
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let space: spacegate_proto::SpaceId = fx.space.parse().expect("space id");
+    let mut freed = false;
+    for _ in 0..200 {
+        if registry
+            .inner
+            .participants(&space)
+            .await
+            .expect("list")
+            .is_empty()
+        {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(freed, "the stalled claim was released");
+    fx.try_join("alice").await.expect("alice joins");
 }

@@ -394,6 +394,15 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
         mode,
         max_participants: gw.config.max_participants,
     };
+    // The guard exists before the claim is asked for: a claim the registry made but whose
+    // answer never arrived (admission timed out or cancelled mid-call, a Redis reply lost)
+    // is released too. Releasing a claim this connection does not hold is a no-op.
+    let mut membership = Membership::claimed(
+        gw.clone(),
+        claims.space_id.clone(),
+        participant_id.clone(),
+        connection_id.clone(),
+    );
     let mut reservation = gw.registry.reserve(request(&participant_id, mode)).await;
     if matches!(reservation, Err(ReserveError::NotHeld)) {
         // A reconnect_id this token does not hold: joined as the newcomer it is, with an
@@ -412,6 +421,8 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
             .registry
             .reserve(request(&fresh, ReserveMode::Fresh))
             .await;
+        // The first attempt claimed nothing (NotHeld).
+        membership.set_participant(fresh.clone());
         participant_id = fresh;
     }
     let reservation = reservation.map_err(|e| match e {
@@ -435,13 +446,6 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
             unavailable()
         }
     })?;
-    // From here on every way out releases the claim: the guard's drop, or its `end`.
-    let mut membership = Membership::claimed(
-        gw.clone(),
-        claims.space_id.clone(),
-        participant_id.clone(),
-        connection_id.clone(),
-    );
     gw.metrics
         .join_stage(JoinStage::Registry, reserve_started.elapsed());
     // After the claim: a delete that marked the space before it is seen here, and one

@@ -25,7 +25,7 @@ pub(super) struct Membership {
 }
 
 impl Membership {
-    /// Right after the registry claim.
+    /// Just before the registry claim is asked for.
     pub(super) fn claimed(
         gw: Arc<Gateway>,
         space: SpaceId,
@@ -41,6 +41,12 @@ impl Membership {
             joined: None,
             ended: false,
         }
+    }
+
+    /// The claim is asked for another participant id (a `reconnect_id` that resumed
+    /// nothing: a fresh join with a generated id).
+    pub(super) fn set_participant(&mut self, participant: ParticipantId) {
+        self.participant = participant;
     }
 
     /// The connection entry exists.

@@ -35,6 +35,20 @@ impl TestServer {
 
     /// With the store opened with `store` (a size cap, a short lock wait).
     pub async fn start_with_store(config: GatewayConfig, store: SqliteOptions) -> Self {
+        Self::start_with_parts(
+            config,
+            store,
+            Arc::new(spacegate_session::MemoryRegistry::default()),
+        )
+        .await
+    }
+
+    /// With `registry` (e.g. one that stalls, wrapped around the real one).
+    pub async fn start_with_parts(
+        config: GatewayConfig,
+        store: SqliteOptions,
+        registry: Arc<dyn spacegate_session::Registry>,
+    ) -> Self {
         if let Ok(filter) = std::env::var("SPACEGATE_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(filter)
@@ -59,12 +73,8 @@ impl TestServer {
                     .await
                     .expect("bootstrap")
                     .expect("fresh store gets a token");
-                let state = AppState::with_gateway(
-                    Arc::new(store),
-                    Arc::new(spacegate_session::MemoryRegistry::default()),
-                    config,
-                )
-                .expect("media socket");
+                let state = AppState::with_gateway(Arc::new(store), registry, config)
+                    .expect("media socket");
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .expect("bind");
@@ -208,7 +218,20 @@ impl Fx {
     }
 
     pub async fn with_store(config: GatewayConfig, store: SqliteOptions) -> Self {
-        let s = TestServer::start_with_store(config, store).await;
+        Self::with_parts(
+            config,
+            store,
+            Arc::new(spacegate_session::MemoryRegistry::default()),
+        )
+        .await
+    }
+
+    pub async fn with_parts(
+        config: GatewayConfig,
+        store: SqliteOptions,
+        registry: Arc<dyn spacegate_session::Registry>,
+    ) -> Self {
+        let s = TestServer::start_with_parts(config, store, registry).await;
         let space = s.create_space(serde_json::json!({})).await["id"]
             .as_str()
             .expect("id")
