@@ -37,15 +37,20 @@ pub(super) async fn close_gracefully(socket: &mut Ws, code: u16) {
     .await;
 }
 
-pub(super) async fn serve(
+/// Puts an admitted connection into its space (all synchronous), and returns the task
+/// that serves it from then on. Only what that task needs goes into it: whatever an async
+/// fn holds (its arguments included) is reserved in every idle connection's task for its
+/// whole life, and the task's size decides the allocator's size class it lands in.
+pub(super) fn serve(
     state: AppState,
     a: Admitted,
-    mut socket: Ws,
+    socket: Ws,
     started: Instant,
     // Held for the connection's life: its slot under `max_connections`.
-    _permit: super::limits::Permit,
-) {
+    permit: super::limits::Permit,
+) -> impl Future<Output = ()> + Send + 'static {
     let gw = state.gateway.clone();
+    drop(state);
     let Admitted {
         mut membership,
         space,
@@ -53,7 +58,6 @@ pub(super) async fn serve(
         credential,
         outbox,
     } = a;
-    let conn = joiner.connection_id.clone();
     let session = SessionId::new(random_base62(24))
         .unwrap_or_else(|_| SessionId::new("session").expect("valid"));
     let now = gw.now_ms();
@@ -67,15 +71,51 @@ pub(super) async fn serve(
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     // Its first ping at a random point of the interval (from its random connection id),
     // so a crowd that joined together is not pinged together.
-    let phase = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), &conn);
-    let mut liveness = Liveness::new(
+    let phase = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), membership.conn());
+    let liveness = Liveness::new(
         gw.now_ms(),
         ms(gw.config.ping_interval),
         ms(gw.config.idle_timeout),
     )
     .with_first_ping_after(phase);
-    let tick = liveness_tick_ms(ms(gw.config.ping_interval));
-    let mut flood = FloodGuard::new(gw.config.inbound_per_second, gw.now_ms());
+    let flood = FloodGuard::new(gw.config.inbound_per_second, gw.now_ms());
+    run(
+        Connection {
+            tick: liveness_tick_ms(ms(gw.config.ping_interval)),
+            gw,
+            membership,
+            outbox,
+            liveness,
+            flood,
+            _permit: permit,
+        },
+        socket,
+    )
+}
+
+/// What a joined connection's task holds besides its socket.
+struct Connection {
+    gw: std::sync::Arc<super::Gateway>,
+    membership: Membership,
+    outbox: std::sync::Arc<super::outbox::Outbox>,
+    liveness: Liveness,
+    flood: FloodGuard,
+    tick: u64,
+    _permit: super::limits::Permit,
+}
+
+async fn run(mut c: Connection, mut socket: Ws) {
+    // Borrowed in place: moving the fields out would store them twice in this task.
+    let Connection {
+        gw,
+        membership,
+        outbox,
+        liveness,
+        flood,
+        tick,
+        ..
+    } = &mut c;
+    let (conn, tick) = (membership.conn(), *tick);
     let close_code = loop {
         // Decide what to do without awaiting, then await in one place: a large temporary
         // held across an await (a decoded message, a socket result) would be reserved in
@@ -99,7 +139,7 @@ pub(super) async fn serve(
                     Some(Ok(Message::Text(text))) => match Envelope::<ClientMessage>::decode_client(&text) {
                         Ok(envelope) => {
                             let now = gw.now_ms();
-                            gw.with_space(&space, |s, out| s.handle(&conn, envelope, now, out));
+                            gw.with_space(membership.space(), |s, out| s.handle(conn, envelope, now, out));
                             Act::Nothing
                         }
                         Err(e) => Act::Reply(error_frame(e.to_string())),
@@ -136,7 +176,7 @@ pub(super) async fn serve(
             break None;
         }
     };
-    Box::pin(leave(socket, close_code, membership)).await;
+    Box::pin(leave(socket, close_code, c.membership)).await;
 }
 
 /// Liveness deadlines (pings, evictions) are rounded up to a grid of a fortieth of the ping

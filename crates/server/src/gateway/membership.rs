@@ -43,6 +43,14 @@ impl Membership {
         }
     }
 
+    pub(super) fn space(&self) -> &SpaceId {
+        &self.space
+    }
+
+    pub(super) fn conn(&self) -> &ConnectionId {
+        &self.conn
+    }
+
     /// The claim is asked for another participant id (a `reconnect_id` that resumed
     /// nothing: a fresh join with a generated id).
     pub(super) fn set_participant(&mut self, participant: ParticipantId) {
