@@ -7,7 +7,7 @@
 //! Input: six control bytes (method, auth, route, flags, query and body shape), then
 //! strings, each a length byte (255: a little-endian u16 follows) and that many bytes.
 //!
-//! Checked: no panic, no hang (5 s); no 5xx other than 501 and 503; every 4xx (except
+//! Checked: no panic, no hang (5 s); no 5xx other than 501, 503 and 507; every 4xx (except
 //! `/v1`'s plain-text upgrade refusals, and HEAD) carries Mux's JSON error body;
 //! every JSON response parses. A 500 is reported on stderr and the input saved under
 //! `$HTTP_FUZZ_FINDINGS` (default: a `spacegate-fuzz-findings` dir in the temp dir), not
@@ -23,14 +23,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
-use base64::engine::general_purpose::STANDARD;
+use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use libfuzzer_sys::fuzz_target;
 use spacegate_proto::{EnvironmentId, KeyId, SessionId, SpaceId};
 use spacegate_server::gateway::GatewayConfig;
-use spacegate_server::{now_secs, tokens, AppState};
-use spacegate_store::{Permissions, SigningKeyRecord, SpaceRecord, SpaceStatus, SqliteStore, Store};
+use spacegate_server::{AppState, now_secs, tokens};
+use spacegate_store::{
+    Permissions, SigningKeyRecord, SpaceRecord, SpaceStatus, SqliteStore, Store,
+};
 use tower_service::Service;
 
 /// The objects every input can name; restored after any input deletes them.
@@ -192,6 +194,12 @@ fn env() -> &'static Env {
     })
 }
 
+/// `HTTP_FUZZ_DEBUG=1` prints each request and its status.
+fn debug() -> bool {
+    static DEBUG: OnceLock<bool> = OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var_os("HTTP_FUZZ_DEBUG").is_some())
+}
+
 struct Reader<'a> {
     data: &'a [u8],
 }
@@ -227,6 +235,20 @@ fn encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Percent-encodes only what a URI cannot carry as is, keeping `/ ? & = %` and the other
+/// delimiters, so a raw path or query keeps its structure.
+fn encode_loosely(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b) {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -302,31 +324,41 @@ fn build(data: &[u8], env: &Env) -> Option<Built> {
             p
         }
     };
-    let query = match query_b % 4 {
-        0 => None,
-        1 => Some(query_raw.clone()),
-        2 => Some(format!("limit={}&page={}", query_raw, id2)),
-        // The join parameters of `/v1`.
-        _ => Some(format!(
-            "token={}&sdk_version=1.2.0&managed_subscriptions={}&display_name={}&reconnect_id={}",
-            query_raw, id2, extra, id1
-        )),
+    // The query, its values as given or (second try) percent-encoded.
+    let query_with = |value: &dyn Fn(&str) -> String, raw: &dyn Fn(&str) -> String| {
+        match query_b % 4 {
+            0 => None,
+            1 => Some(raw(&query_raw)),
+            2 => Some(format!("limit={}&page={}", value(&query_raw), value(&id2))),
+            // The join parameters of `/v1`.
+            _ => Some(format!(
+                "token={}&sdk_version=1.2.0&managed_subscriptions={}&display_name={}&reconnect_id={}",
+                value(&query_raw),
+                value(&id2),
+                value(&extra),
+                value(&id1)
+            )),
+        }
     };
     let uri_of = |path: String, query: Option<String>| match query {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    let uri = Uri::try_from(uri_of(path_with(&id1, &id2, &raw_path), query.clone()))
-        .ok()
-        .or_else(|| {
-            let path = path_with(&encode(&id1), &encode(&id2), &raw_path);
-            let path = if path.starts_with('/') {
-                path
-            } else {
-                format!("/{}", encode(&path))
-            };
-            Uri::try_from(uri_of(path, query.as_deref().map(encode))).ok()
-        })?;
+    let same = |s: &str| s.to_string();
+    let uri = Uri::try_from(uri_of(
+        path_with(&id1, &id2, &raw_path),
+        query_with(&same, &same),
+    ))
+    .ok()
+    .or_else(|| {
+        let path = path_with(&encode(&id1), &encode(&id2), &encode_loosely(&raw_path));
+        let path = if path.starts_with('/') {
+            path
+        } else {
+            format!("/{path}")
+        };
+        Uri::try_from(uri_of(path, query_with(&encode, &encode_loosely))).ok()
+    })?;
     // Origin-form only: hyper hands the router nothing else for these methods.
     uri.path_and_query()?;
     if uri.scheme().is_some() || uri.authority().is_some() {
@@ -348,7 +380,14 @@ fn build(data: &[u8], env: &Env) -> Option<Built> {
         4 => Some(basic(&env.rw.0, &extra).into_bytes()),
         5 => Some(format!("Basic {}", STANDARD.encode(extra.as_bytes())).into_bytes()),
         6 => Some(extra.as_bytes().to_vec()),
-        _ => Some(format!("{} {}", extra, STANDARD.encode(format!("{}:{}", env.rw.0, env.rw.1))).into_bytes()),
+        _ => Some(
+            format!(
+                "{} {}",
+                extra,
+                STANDARD.encode(format!("{}:{}", env.rw.0, env.rw.1))
+            )
+            .into_bytes(),
+        ),
     };
     // A scheme that is "basic" in any case is a valid token: keep that from key creation.
     if key_create && auth_b % 8 == 7 && extra.trim().eq_ignore_ascii_case("basic") {
@@ -430,9 +469,9 @@ fn is_error_body(body: &[u8]) -> bool {
 
 fn report_500(env: &Env, data: &[u8], summary: &str, body: &[u8]) {
     let _ = std::fs::create_dir_all(&env.findings);
-    let hash = data
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     let path = env.findings.join(format!("500-{hash:016x}"));
     let _ = std::fs::write(&path, data);
     eprintln!(
@@ -458,6 +497,9 @@ fuzz_target!(|data: &[u8]| {
             .unwrap_or_else(|_| panic!("request hung: {}", built.summary))
             .expect("infallible");
         let status = response.status();
+        if debug() {
+            eprintln!("{status} for {}", built.summary);
+        }
         let json = response
             .headers()
             .get(header::CONTENT_TYPE)
@@ -469,7 +511,10 @@ fuzz_target!(|data: &[u8]| {
             report_500(env, data, &built.summary, &body);
         } else if status.is_server_error() {
             assert!(
-                status == StatusCode::NOT_IMPLEMENTED || status == StatusCode::SERVICE_UNAVAILABLE,
+                // 507: the store is full (a real answer, not a fault of the request path).
+                status == StatusCode::NOT_IMPLEMENTED
+                    || status == StatusCode::SERVICE_UNAVAILABLE
+                    || status == StatusCode::INSUFFICIENT_STORAGE,
                 "{status} for {}: {}",
                 built.summary,
                 String::from_utf8_lossy(&body)

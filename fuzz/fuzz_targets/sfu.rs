@@ -29,7 +29,8 @@ const MAX_OPS: usize = 48;
 const MEMBERS: usize = 3;
 
 /// The SFU's host candidate.
-const SFU_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 5000);
+const SFU_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 5000);
 
 /// Where datagrams come from: two IPv4 clients, an IPv6 one, and the SFU's own address.
 fn sources() -> [SocketAddr; 4] {
@@ -282,7 +283,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -301,7 +306,11 @@ impl Fuzz {
 
     /// Drains datagrams and events, as the media thread does after every command.
     fn drain(&mut self) {
-        while self.sfu.poll_transmit().is_some() {}
+        while let Some(t) = self.sfu.poll_transmit() {
+            if debug() {
+                eprintln!("transmit {} bytes to {}", t.contents.len(), t.destination);
+            }
+        }
         while let Some(e) = self.sfu.poll_event() {
             if debug() {
                 eprintln!("event: {e:?}");
@@ -344,7 +353,7 @@ impl Fuzz {
     fn offer(&mut self, k: usize, sdp: &str) {
         let result = self.sfu.offer(name(k), sdp, self.now);
         if debug() {
-            eprintln!("offer by {k}: {:?}", result.as_ref().map(|a| a.len()));
+            eprintln!("offer by {k}: {result:?}");
         }
         if let Ok(answer) = result {
             let m = &mut self.members[k];
@@ -417,10 +426,12 @@ impl Fuzz {
         self.drain();
     }
 
+    /// A track id: `choice & 7` below 4 names one of member `k`'s usual four, above reads
+    /// one from the input.
     fn tid(k: usize, choice: u8, r: &mut Reader) -> String {
-        match choice % 5 {
-            4 => r.string(),
-            n => format!("t{k}-{n}"),
+        match choice & 7 {
+            n @ 0..=3 => format!("t{k}-{n}"),
+            _ => r.string(),
         }
     }
 
@@ -428,6 +439,9 @@ impl Fuzz {
     fn op(&mut self, r: &mut Reader) {
         let op = r.byte();
         let k = usize::from(r.byte()) % MEMBERS;
+        if debug() {
+            eprintln!("op {} on m{k}", op % 16);
+        }
         match op % 16 {
             0 => {
                 let b = r.byte();
@@ -441,9 +455,9 @@ impl Fuzz {
             1 => self.leave(k),
             2 => {
                 let b = r.byte();
-                let mid = match b % 5 {
-                    4 => r.string(),
-                    n => n.to_string(),
+                let mid = match b & 7 {
+                    n @ 0..=3 => n.to_string(),
+                    _ => r.string(),
                 };
                 let tid = Self::tid(k, b >> 3, r);
                 let kind = if b & 0x40 == 0 {
@@ -451,7 +465,8 @@ impl Fuzz {
                 } else {
                     TrackKind::Video
                 };
-                self.sfu.pending_track(name(k), &mid, &tid, kind, b & 0x80 != 0);
+                self.sfu
+                    .pending_track(name(k), &mid, &tid, kind, b & 0x80 != 0);
             }
             3 => {
                 let sdp = r.string();
@@ -489,12 +504,12 @@ impl Fuzz {
             }
             9 | 10 => {
                 let b = r.byte();
-                let publisher = match b % 4 {
+                let publisher = match b & 3 {
                     3 => r.string(),
                     p => name(usize::from(p)).to_string(),
                 };
-                let p = usize::from(b % 4) % MEMBERS;
-                let tids: Vec<String> = (0..(b >> 2) % 4)
+                let p = usize::from(b & 3) % MEMBERS;
+                let tids: Vec<String> = (0..(b >> 2) & 3)
                     .map(|_| {
                         let c = r.byte();
                         Self::tid(p, c, r)
@@ -567,9 +582,12 @@ impl Fuzz {
         for k in 0..MEMBERS {
             self.sub_answer(k, "v=0\r\n");
         }
-        self.sfu.pending_track("m0", "0", "t0-0", TrackKind::Audio, false);
-        self.sfu.pending_track("m0", "1", "t0-1", TrackKind::Video, false);
-        self.sfu.pending_track("m0", "2", "t0-2", TrackKind::Video, true);
+        self.sfu
+            .pending_track("m0", "0", "t0-0", TrackKind::Audio, false);
+        self.sfu
+            .pending_track("m0", "1", "t0-1", TrackKind::Video, false);
+        self.sfu
+            .pending_track("m0", "2", "t0-2", TrackKind::Video, true);
         self.offer(0, sdp);
         self.drain();
         let tids = ["t0-0".to_string(), "t0-1".to_string()];
@@ -608,7 +626,11 @@ impl Fuzz {
             published_tracks: s.published_tracks,
             ..SfuStats::default()
         };
-        assert_eq!(left, SfuStats::default(), "state left after every member left");
+        assert_eq!(
+            left,
+            SfuStats::default(),
+            "state left after every member left"
+        );
     }
 }
 

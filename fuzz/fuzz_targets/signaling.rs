@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use spacegate_proto::signaling::{
-    ClientMessage, Envelope, SfuDescription, SpeakingTrack, MAX_DISPLAY_NAME, MAX_FRAME_BYTES,
+    ClientMessage, Envelope, MAX_DISPLAY_NAME, MAX_FRAME_BYTES, SfuDescription, SpeakingTrack,
 };
 use spacegate_proto::{ConnectionId, ParticipantId, Role, SessionId, SpaceId};
 use spacegate_signaling::{Joiner, Output, Space, SpaceConfig};
@@ -153,7 +153,10 @@ impl Harness {
                 }
                 Output::Idle => assert!(self.space.is_empty(), "Idle while members remain"),
                 Output::Media { from, message } => {
-                    assert!(members.contains(from), "media message from non-member {from}");
+                    assert!(
+                        members.contains(from),
+                        "media message from non-member {from}"
+                    );
                     if let ClientMessage::PendingTrack(p) = message {
                         self.pending.push((from.clone(), p.tid.clone()));
                     }
@@ -176,7 +179,10 @@ impl Harness {
             return;
         };
         let now = self.now_ms;
-        self.call(|s, out| s.handle(&from, envelope, now, out), &mut Vec::new());
+        self.call(
+            |s, out| s.handle(&from, envelope, now, out),
+            &mut Vec::new(),
+        );
     }
 
     fn step(&mut self, control: u8, text: &[u8]) {
@@ -209,7 +215,10 @@ impl Harness {
                 };
                 if let Some((conn, tid)) = pick {
                     self.published.push((conn.clone(), tid.clone()));
-                    self.call(|s, out| s.track_published(&conn, &tid, out), &mut Vec::new());
+                    self.call(
+                        |s, out| s.track_published(&conn, &tid, out),
+                        &mut Vec::new(),
+                    );
                 }
             }
             3 => {
@@ -222,7 +231,10 @@ impl Harness {
                     None => Some(self.published[arg % self.published.len()].clone()),
                 };
                 if let Some((conn, tid)) = pick {
-                    self.call(|s, out| s.track_unpublished(&conn, &tid, out), &mut Vec::new());
+                    self.call(
+                        |s, out| s.track_unpublished(&conn, &tid, out),
+                        &mut Vec::new(),
+                    );
                 }
             }
             4 => {
