@@ -41,13 +41,6 @@ pub enum StoreError {
     Backend(String),
 }
 
-impl StoreError {
-    /// Whether the same request may succeed if retried later without anyone's help.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Backend(_))
-    }
-}
-
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Every backend (SQLite now, PostgreSQL in cluster mode) implements this, and passes
