@@ -12,6 +12,21 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./spacegate-data";
 pub const DEFAULT_ENVIRONMENT: &str = "default";
 pub const DEFAULT_MAX_PARTICIPANTS: u32 = 100;
+pub const DEFAULT_CLUSTER: &str = "spacegate";
+pub const DEFAULT_NODE_LEASE_MS: u64 = 6000;
+
+/// A node id for a node that was given none: the host name would repeat when a container
+/// restarts under the same name while its predecessor's lease is still alive, so a random
+/// suffix makes each run a node of its own.
+fn generated_node_id() -> String {
+    let mut bytes = [0u8; 6];
+    // Without randomness the process id still separates concurrent nodes on one host.
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        return format!("node-{}", std::process::id());
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("node-{hex}")
+}
 
 /// The file form: every key optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -33,6 +48,11 @@ pub struct FileConfig {
     pub trust_forwarded_for: Option<bool>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub node_id: Option<String>,
+    pub cluster: Option<String>,
+    pub node_lease_ms: Option<u64>,
 }
 
 /// Simulcast layers the SDK is told to send (`joined.simulcast`), lowest first.
@@ -143,6 +163,19 @@ pub struct Config {
     /// PEM certificate chain and private key: HTTPS and WSS on the listener (both or
     /// neither). Re-read on SIGHUP.
     pub tls: Option<TlsFiles>,
+    /// `postgres://…`: the control plane on PostgreSQL instead of the embedded SQLite
+    /// store. Holds a password: never logged.
+    pub database_url: Option<String>,
+    /// `redis://…`: the session registry on Redis, shared by every node of the cluster
+    /// (participant uniqueness across nodes). Never logged either.
+    pub redis_url: Option<String>,
+    /// This node's name in the cluster: it owns the registry entries of its participants.
+    pub node_id: String,
+    /// Prefix of every Redis key, so several clusters can share one Redis.
+    pub cluster: String,
+    /// How long this node's registry entries outlive its last lease renewal (renewed every
+    /// third of it): a node that dies frees its participants' ids within this.
+    pub node_lease: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +201,11 @@ pub struct Overrides {
     pub trust_forwarded_for: Option<bool>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub node_id: Option<String>,
+    pub cluster: Option<String>,
+    pub node_lease_ms: Option<u64>,
 }
 
 impl Config {
@@ -185,8 +223,37 @@ impl Config {
                 .parse()
                 .expect("default listen address is valid")
         });
+        let cluster = over
+            .cluster
+            .or(file.cluster)
+            .unwrap_or_else(|| DEFAULT_CLUSTER.to_string());
+        let node_id = over.node_id.or(file.node_id);
+        for (what, value) in [("cluster", Some(&cluster)), ("node_id", node_id.as_ref())] {
+            // Both become parts of Redis key names: keep them to characters that cannot
+            // break the key layout (':' separates its parts).
+            if let Some(v) = value
+                && (v.is_empty()
+                    || v.len() > 64
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'))
+            {
+                return Err(format!(
+                    "{what} {v:?}: 1 to 64 characters of A-Z a-z 0-9 - _ ."
+                ));
+            }
+        }
         Ok(Config {
             tls,
+            database_url: over.database_url.or(file.database_url),
+            redis_url: over.redis_url.or(file.redis_url),
+            node_id: node_id.unwrap_or_else(generated_node_id),
+            cluster,
+            node_lease: std::time::Duration::from_millis(
+                over.node_lease_ms
+                    .or(file.node_lease_ms)
+                    .unwrap_or(DEFAULT_NODE_LEASE_MS),
+            ),
             max_connections: over.max_connections.or(file.max_connections),
             join_rate_per_ip: over
                 .join_rate_per_ip

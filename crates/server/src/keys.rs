@@ -71,6 +71,13 @@ impl<K: Hash + Eq + Clone, V> Cache<K, V> {
         map.remove(key);
     }
 
+    /// Forgets everything, with the same guarantee as [`Cache::invalidate`].
+    pub fn clear(&self) {
+        let mut map = self.write_map();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        map.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.read_map().len()
     }
@@ -127,6 +134,39 @@ pub struct KeyCache {
     started: Instant,
     /// Store queries made for `kid`s, for tests and metrics.
     store_lookups: AtomicU64,
+    /// The other nodes of a cluster (see `cluster::Bus`): every change made here is sent
+    /// to them, so a deleted key or space stops admitting joins on every node at once.
+    peers: std::sync::OnceLock<tokio::sync::mpsc::Sender<Invalidation>>,
+}
+
+/// A change of what the join check caches, as told to the other nodes of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    KeyDeleted(KeyId),
+    KeyCreated(KeyId),
+    SpaceDeleted(SpaceId),
+}
+
+impl Invalidation {
+    /// One line on the cluster's channel: a tag and the id.
+    pub fn encode(&self) -> String {
+        match self {
+            Invalidation::KeyDeleted(k) => format!("key-deleted {k}"),
+            Invalidation::KeyCreated(k) => format!("key-created {k}"),
+            Invalidation::SpaceDeleted(s) => format!("space-deleted {s}"),
+        }
+    }
+
+    /// `None` for anything else (a newer node's message, noise on the channel).
+    pub fn decode(text: &str) -> Option<Invalidation> {
+        let (tag, id) = text.split_once(' ')?;
+        match tag {
+            "key-deleted" => id.parse().ok().map(Invalidation::KeyDeleted),
+            "key-created" => id.parse().ok().map(Invalidation::KeyCreated),
+            "space-deleted" => id.parse().ok().map(Invalidation::SpaceDeleted),
+            _ => None,
+        }
+    }
 }
 
 impl Default for KeyCache {
@@ -143,6 +183,7 @@ impl Default for KeyCache {
             in_flight: Mutex::new(HashMap::new()),
             started: Instant::now(),
             store_lookups: AtomicU64::new(0),
+            peers: std::sync::OnceLock::new(),
         }
     }
 }
@@ -236,6 +277,7 @@ impl KeyCache {
     /// joins need no lookup (none is needed, and under a flood of random kids one might be
     /// refused), and never "unknown" from an earlier miss.
     pub fn created(&self, record: &spacegate_store::SigningKeyRecord) {
+        self.tell_peers(Invalidation::KeyCreated(record.id.clone()));
         locked(&self.missing).remove(&record.id);
         if let Ok(key) = PublicKey::from_der(&record.public_key_der) {
             self.keys.write_map().insert(
@@ -269,12 +311,53 @@ impl KeyCache {
             .await
     }
 
+    /// A key was deleted (and committed): forgotten here and on the other nodes.
     pub fn invalidate(&self, kid: &KeyId) {
         self.keys.invalidate(kid);
+        self.tell_peers(Invalidation::KeyDeleted(kid.clone()));
     }
 
+    /// A space was deleted (and committed): forgotten here and on the other nodes.
     pub fn invalidate_space(&self, space: &SpaceId) {
         self.spaces.invalidate(space);
+        self.tell_peers(Invalidation::SpaceDeleted(space.clone()));
+    }
+
+    /// Sends this node's changes to `peers` from now on (once; cluster mode).
+    pub fn connect_peers(&self, peers: tokio::sync::mpsc::Sender<Invalidation>) {
+        let _ = self.peers.set(peers);
+    }
+
+    fn tell_peers(&self, change: Invalidation) {
+        if let Some(peers) = self.peers.get()
+            && peers.try_send(change).is_err()
+        {
+            // Deletes are REST calls, a handful per second at most; a full queue means
+            // the bus is stuck, and the bus forgets every cache when it reconnects.
+            tracing::warn!(
+                "cluster invalidation queue full; other nodes may keep a deleted key or space until the bus reconnects"
+            );
+        }
+    }
+
+    /// A change another node made: applied here only.
+    pub fn apply_remote(&self, change: &Invalidation) {
+        match change {
+            Invalidation::KeyDeleted(k) => self.keys.invalidate(k),
+            // The key is in the store now: no longer "unknown" here either.
+            Invalidation::KeyCreated(k) => {
+                locked(&self.missing).remove(k);
+            }
+            Invalidation::SpaceDeleted(s) => self.spaces.invalidate(s),
+        }
+    }
+
+    /// Everything cached is forgotten: changes may have been missed (the bus was
+    /// disconnected), so the store is asked again.
+    pub fn forget_everything(&self) {
+        self.keys.clear();
+        self.spaces.clear();
+        locked(&self.missing).clear();
     }
 
     /// Parsed keys held.

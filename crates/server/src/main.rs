@@ -14,8 +14,9 @@ use spacegate_server::config::{Config, FileConfig, Overrides};
 use spacegate_server::gateway::GatewayConfig;
 use spacegate_server::media::MediaConfig;
 use spacegate_server::{AppState, keys::KeyCache, now_secs, tokens};
+use spacegate_session::{LeaseRenewal, RedisRegistry};
 use spacegate_signaling::SpaceConfig;
-use spacegate_store::{Permissions, SqliteStore, Store};
+use spacegate_store::{Permissions, PostgresOptions, PostgresStore, SqliteStore, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage access tokens (works while the server is stopped).
     #[command(subcommand)]
     Tokens(TokensCommand),
@@ -51,6 +52,15 @@ struct StoreArgs {
     /// Directory of the embedded store [default: ./spacegate-data].
     #[arg(long, env = "SPACEGATE_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// PostgreSQL instead of the embedded store: postgres://USER[:PASSWORD]@HOST:PORT/DB
+    /// (cluster mode; migrations run on start).
+    #[arg(
+        long,
+        env = "SPACEGATE_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -97,6 +107,20 @@ struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "SPACEGATE_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Redis for the session registry shared by the cluster's nodes: redis://HOST:PORT
+    /// [default: in memory, one node].
+    #[arg(long, env = "SPACEGATE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// This node's id in the cluster [default: generated].
+    #[arg(long, env = "SPACEGATE_NODE_ID")]
+    node_id: Option<String>,
+    /// Cluster name: the prefix of every Redis key [default: spacegate].
+    #[arg(long, env = "SPACEGATE_CLUSTER")]
+    cluster: Option<String>,
+    /// Milliseconds this node's participants stay claimed in Redis after its last lease
+    /// renewal: a node that dies frees their ids within this [default: 6000].
+    #[arg(long, env = "SPACEGATE_NODE_LEASE_MS")]
+    node_lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,14 +204,75 @@ fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> Result<Config> {
         trust_forwarded_for: serve.and_then(|s| s.trust_forwarded_for),
         tls_cert: serve.and_then(|s| s.tls_cert.clone()),
         tls_key: serve.and_then(|s| s.tls_key.clone()),
+        database_url: store.database_url.clone(),
+        redis_url: serve.and_then(|s| s.redis_url.clone()),
+        node_id: serve.and_then(|s| s.node_id.clone()),
+        cluster: serve.and_then(|s| s.cluster.clone()),
+        node_lease_ms: serve.and_then(|s| s.node_lease_ms),
     };
     Config::resolve(file, over).map_err(|e| anyhow::anyhow!(e))
 }
 
-async fn open_store(config: &Config) -> Result<SqliteStore> {
-    SqliteStore::open_dir(&config.data_dir)
+/// PostgreSQL when a database URL is configured, else the embedded SQLite store.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    if let Some(url) = &config.database_url {
+        // The URL holds the password: the error names the server, not the URL.
+        let store = PostgresStore::connect(url, &PostgresOptions::default())
+            .await
+            .context("opening the PostgreSQL store (--database-url)")?;
+        return Ok(Arc::new(store));
+    }
+    let store = SqliteStore::open_dir(&config.data_dir)
         .await
-        .with_context(|| format!("opening store in {}", config.data_dir.display()))
+        .with_context(|| format!("opening store in {}", config.data_dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// The session registry: in memory for one node, on Redis when a Redis URL is configured
+/// (participant ids are unique across every node of the cluster).
+struct OpenRegistry {
+    shared: Arc<dyn spacegate_session::Registry>,
+    redis: Option<Arc<RedisRegistry>>,
+}
+
+async fn open_registry(config: &Config) -> Result<OpenRegistry> {
+    let Some(url) = &config.redis_url else {
+        return Ok(OpenRegistry {
+            shared: Arc::new(spacegate_session::MemoryRegistry::default()),
+            redis: None,
+        });
+    };
+    let redis = RedisRegistry::connect(url, &config.cluster, &config.node_id, config.node_lease)
+        .await
+        .context("connecting the session registry (--redis-url)")?;
+    tracing::info!(node = %config.node_id, cluster = %config.cluster, lease_ms = config.node_lease.as_millis() as u64, "session registry on Redis");
+    let redis = Arc::new(redis);
+    Ok(OpenRegistry {
+        shared: redis.clone(),
+        redis: Some(redis),
+    })
+}
+
+/// Renews this node's registry lease every third of it. If it lapsed anyway (Redis was
+/// unreachable for a whole lease), other nodes may already have admitted this node's
+/// participants elsewhere: every connection here is asked to reconnect and claim again.
+fn keep_node_lease(redis: Arc<RedisRegistry>, gateway: Arc<spacegate_server::gateway::Gateway>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(redis.lease() / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match redis.renew().await {
+                Ok(LeaseRenewal::Renewed) => {}
+                Ok(LeaseRenewal::Lapsed) => {
+                    tracing::warn!("node lease had lapsed; every connection is asked to reconnect");
+                    gateway.reconnect_all();
+                }
+                Err(e) => tracing::warn!(error = %e, "node lease renewal failed"),
+            }
+        }
+    });
 }
 
 /// mimalloc instead of glibc's malloc: a join allocates and frees a few hundred small
@@ -203,7 +288,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => serve(cli.serve).await,
-        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Tokens(cmd)) => tokens_command(cmd).await,
         Some(Command::Sign(args)) => sign(args),
         Some(Command::Verify(args)) => verify(args).await,
@@ -214,13 +299,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let config = load_config(&args.store, Some(&args))?;
     init_logging(&config.log)?;
     let store = open_store(&config).await?;
+    let registry = open_registry(&config).await?;
     // A single node owns every space of its store: nobody is connected before it listens,
     // whatever the store says after a crash (kill -9 between a join and its status write,
-    // or an unflushed leave).
-    let stale = store
-        .mark_all_spaces_idle()
-        .await
-        .context("marking spaces idle on start")?;
+    // or an unflushed leave). In a cluster other nodes hold participants: not this
+    // node's to reset.
+    let stale = if registry.redis.is_some() {
+        0
+    } else {
+        store
+            .mark_all_spaces_idle()
+            .await
+            .context("marking spaces idle on start")?
+    };
     if stale > 0 {
         tracing::info!(
             spaces = stale,
@@ -228,7 +319,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     let mut out = std::io::stdout().lock();
-    if let Some(token) = tokens::bootstrap(&store, &config.environment, now_secs()).await? {
+    if let Some(token) = tokens::bootstrap(store.as_ref(), &config.environment, now_secs()).await? {
         // Printed once, to stdout only (never to the log): the secret is not stored.
         writeln!(
             out,
@@ -248,8 +339,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         config.media_listen
     };
     let state = AppState::with_gateway(
-        Arc::new(store),
-        Arc::new(spacegate_session::MemoryRegistry::default()),
+        store,
+        registry.shared.clone(),
         GatewayConfig {
             max_participants: config.max_participants,
             space: Arc::new(SpaceConfig {
@@ -284,6 +375,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
     )
     .with_context(|| format!("binding the media socket {media_listen}"))?;
+    if let Some(redis) = registry.redis {
+        keep_node_lease(redis, state.gateway.clone());
+        if let Some(url) = &config.redis_url {
+            spacegate_server::cluster::spawn_bus(url, &config.cluster, state.keys.clone())?;
+        }
+    }
     let media = &state.gateway.media;
     let shutdown = shutdown_signal();
     let tls = match &config.tls {
@@ -499,7 +596,8 @@ async fn tokens_command(cmd: TokensCommand) -> Result<()> {
             }
             let config = load_config(&store, None)?;
             let store = open_store(&config).await?;
-            let token = tokens::create(&store, &environment, permissions, name, now_secs()).await?;
+            let token =
+                tokens::create(store.as_ref(), &environment, permissions, name, now_secs()).await?;
             if json {
                 println!("{}", serde_json::to_string(&token)?);
             } else {
@@ -610,7 +708,7 @@ async fn verify(args: VerifyArgs) -> Result<()> {
     let keys = KeyCache::default();
     let now = u64::try_from(now_secs()).unwrap_or(0);
     let admitted = spacegate_server::join::verify_join_token(
-        &store,
+        store.as_ref(),
         &keys,
         args.token.trim(),
         now,

@@ -803,3 +803,437 @@ fn an_active_space_is_idle_after_kill_9_and_a_restart() {
 fn an_active_space_is_idle_after_sigterm_and_a_restart() {
     space_is_idle_after_a_stop("-TERM");
 }
+
+/// A database of its own on the test PostgreSQL (`SPACEGATE_TEST_POSTGRES`, default
+/// `postgres://postgres@127.0.0.1:5432/test`), dropped afterwards; `None` (with the reason
+/// printed) when there is no server, a failure under `SPACEGATE_REQUIRE_ALL=1`.
+struct TempPostgres {
+    name: String,
+    url: String,
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("SPACEGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn pg_exec(url: &str, sql: &str) -> Result<(), String> {
+    use sqlx::Connection as _;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let connect = sqlx::postgres::PgConnection::connect(url);
+        let mut c = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        sqlx::raw_sql(sql)
+            .execute(&mut c)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
+impl TempPostgres {
+    fn new() -> Option<TempPostgres> {
+        let admin = pg_admin_url();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let name = format!("sg_cli_{}_{nanos}", std::process::id());
+        if let Err(e) = pg_exec(&admin, &format!("CREATE DATABASE {name}")) {
+            let reason = format!("PostgreSQL at {admin}: {e}");
+            assert!(
+                std::env::var("SPACEGATE_REQUIRE_ALL").as_deref() != Ok("1"),
+                "{reason}, and SPACEGATE_REQUIRE_ALL=1"
+            );
+            eprintln!("SKIP: {reason}; the PostgreSQL tests did not run");
+            return None;
+        }
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+        Some(TempPostgres {
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+}
+
+impl Drop for TempPostgres {
+    fn drop(&mut self) {
+        let _ = pg_exec(
+            &pg_admin_url(),
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// `--database-url`: the tokens commands, the control plane and the join path all on
+/// PostgreSQL, shared by two nodes; nothing is written to a data dir.
+#[test]
+fn postgres_serves_the_control_plane_of_every_node_and_the_tokens_commands() {
+    let Some(db) = TempPostgres::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("never-created");
+    let cli = |args: &[&str]| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(args)
+            .args(["--database-url", &db.url, "--data-dir"])
+            .arg(&data);
+        cmd
+    };
+    let created: Value = serde_json::from_str(
+        run_ok(&mut cli(&[
+            "tokens",
+            "create",
+            "--environment",
+            "prod",
+            "--permissions",
+            "read,write",
+            "--json",
+        ]))
+        .trim(),
+    )
+    .expect("json");
+    let token = (
+        created["id"].as_str().expect("id").to_string(),
+        created["secret"].as_str().expect("secret").to_string(),
+    );
+    let listed: Value =
+        serde_json::from_str(run_ok(&mut cli(&["tokens", "list", "--json"])).trim()).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    assert_eq!(listed[0]["id"], created["id"]);
+    // The secret is stored hashed in PostgreSQL too.
+    let found = pg_exec(
+        &db.url,
+        &format!(
+            "DO $$ BEGIN IF EXISTS (SELECT 1 FROM access_tokens WHERE encode(secret_sha256, 'escape') LIKE '%{}%') THEN RAISE EXCEPTION 'clear secret'; END IF; END $$",
+            token.1
+        ),
+    );
+    assert_eq!(found, Ok(()), "secret stored in clear");
+
+    let node = || {
+        let mut cmd = cli(&["--listen", "127.0.0.1:0"]);
+        cmd.env_remove("SPACEGATE_DATABASE_URL");
+        start(cmd)
+    };
+    let (a, b) = (node(), node());
+    assert!(
+        a.token.is_none() && b.token.is_none(),
+        "the store has a token"
+    );
+    let space = create(&a, &token, "/video/v1/spaces");
+    let space_id = space["id"].as_str().expect("id");
+    assert_eq!(
+        status(&b, &token, &format!("/video/v1/spaces/{space_id}")),
+        200,
+        "a space made on one node is there on the other"
+    );
+    // A key made on A admits a join on B.
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let jwt = run_ok(spacegate(dir.path()).args([
+        "sign",
+        space_id,
+        "--key-id",
+        key["id"].as_str().expect("kid"),
+        "--private-key",
+        key["private_key"].as_str().expect("key"),
+    ]));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ws = b.url.replacen("http://", "ws://", 1);
+    let session = rt
+        .block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+        .expect("join on B with a key made on A");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while space_status(&a, &token, space_id) != "active" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never saw it active"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(session);
+
+    run_ok(&mut cli(&["tokens", "revoke", &token.0]));
+    for n in [&a, &b] {
+        assert_eq!(status(n, &token, "/video/v1/spaces"), 401, "revoked");
+    }
+    assert!(!data.exists(), "nothing was written to a data dir");
+}
+
+/// The Redis of the cluster tests (`SPACEGATE_TEST_REDIS`, default 127.0.0.1:6379), or
+/// `None` with the reason printed (a failure under `SPACEGATE_REQUIRE_ALL=1`).
+fn test_redis() -> Option<String> {
+    let url =
+        std::env::var("SPACEGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let addr = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let reachable = addr
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok());
+    if reachable.is_none() {
+        let reason = format!("Redis at {url} is not reachable");
+        assert!(
+            std::env::var("SPACEGATE_REQUIRE_ALL").as_deref() != Ok("1"),
+            "{reason}, and SPACEGATE_REQUIRE_ALL=1"
+        );
+        eprintln!("SKIP: {reason}; the cluster tests did not run");
+        return None;
+    }
+    Some(url)
+}
+
+/// What a cluster test needs: a database of its own, the test Redis, a cluster name of its
+/// own (so runs never share keys) and an access token made with the CLI.
+struct Cluster {
+    db: TempPostgres,
+    redis: String,
+    dir: tempfile::TempDir,
+    cluster: String,
+    token: (String, String),
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Option<Cluster> {
+        let db = TempPostgres::new()?;
+        let redis = test_redis()?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let cluster = format!("{tag}{}-{nanos}", std::process::id());
+        let created: Value = serde_json::from_str(
+            run_ok(spacegate(dir.path()).args([
+                "tokens",
+                "create",
+                "--json",
+                "--database-url",
+                &db.url,
+            ]))
+            .trim(),
+        )
+        .expect("json");
+        let token = (
+            created["id"].as_str().expect("id").to_string(),
+            created["secret"].as_str().expect("secret").to_string(),
+        );
+        Some(Cluster {
+            db,
+            redis,
+            dir,
+            cluster,
+            token,
+        })
+    }
+}
+
+/// Two nodes on one PostgreSQL and one Redis: a participant id is unique across both, the
+/// ids of a node that dies (kill -9) are free again within its lease, and a cluster of
+/// another name on the same Redis sees none of it.
+#[test]
+fn participant_ids_are_unique_across_the_nodes_of_a_cluster() {
+    let Some(Cluster {
+        db,
+        redis,
+        dir,
+        cluster,
+        token,
+    }) = Cluster::new("cli-")
+    else {
+        return;
+    };
+    let lease_ms = 1000;
+    let node = |id: &str, cluster: &str| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args(["--redis-url", &redis, "--cluster", cluster, "--node-id", id])
+            .args(["--node-lease-ms", &lease_ms.to_string()]);
+        start(cmd)
+    };
+    let (mut a, b) = (node("a", &cluster), node("b", &cluster));
+    let space = create(&a, &token, "/video/v1/spaces");
+    let space_id = space["id"].as_str().expect("id");
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let jwt = run_ok(spacegate(dir.path()).args([
+        "sign",
+        space_id,
+        "--participant-id",
+        "alice",
+        "--key-id",
+        key["id"].as_str().expect("kid"),
+        "--private-key",
+        key["private_key"].as_str().expect("key"),
+    ]));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let join = |n: &Running| {
+        let ws = n.url.replacen("http://", "ws://", 1);
+        rt.block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+    };
+    let on_a = join(&a).expect("alice joins on A");
+    match join(&b) {
+        Err(spacegate_client::ClientError::Rejected { error, .. }) => assert!(
+            error.message.contains("already connected"),
+            "{}",
+            error.message
+        ),
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("alice joined twice, once on each node"),
+    }
+    // Another cluster on the same Redis (and here the same database) shares no ids.
+    let other = node("a", &format!("{cluster}-other"));
+    let elsewhere = join(&other).expect("another cluster does not see alice");
+    drop(elsewhere);
+
+    // A dies without releasing anything: alice is free once its lease runs out.
+    a.child.kill().expect("kill -9 A");
+    a.child.wait().expect("reap");
+    let died = std::time::Instant::now();
+    let on_b = loop {
+        match join(&b) {
+            Ok(s) => break s,
+            Err(spacegate_client::ClientError::Rejected { .. }) => {
+                assert!(
+                    died.elapsed() < Duration::from_millis(lease_ms + 5000),
+                    "alice still held {:?} after A died",
+                    died.elapsed()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("join on B failed: {e}"),
+        }
+    };
+    drop((on_a, on_b));
+}
+
+/// A signing key or space deleted through one node stops admitting joins on every node
+/// of the cluster within a second, although the others had them cached.
+#[test]
+fn deletes_reach_every_node_of_a_cluster_within_a_second() {
+    let Some(Cluster {
+        db,
+        redis,
+        dir,
+        cluster,
+        token,
+    }) = Cluster::new("cli-del-")
+    else {
+        return;
+    };
+    let node = |id: &str| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args([
+                "--redis-url",
+                &redis,
+                "--cluster",
+                &cluster,
+                "--node-id",
+                id,
+            ])
+            // The polls below join from one address faster than a client would.
+            .args(["--join-rate-per-ip", "0"]);
+        start(cmd)
+    };
+    let (a, b) = (node("a"), node("b"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let sign = |space: &str, key: &Value| {
+        run_ok(spacegate(dir.path()).args([
+            "sign",
+            space,
+            "--key-id",
+            key["id"].as_str().expect("kid"),
+            "--private-key",
+            key["private_key"].as_str().expect("key"),
+        ]))
+    };
+    let join = |n: &Running, jwt: &str| {
+        let ws = n.url.replacen("http://", "ws://", 1);
+        rt.block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+    };
+    // Polls joins on `n` until one is refused with `why`; how long that took after
+    // `since`. (Other refusals, the per-address join rate's "try again", do not count.)
+    let refused_after = |n: &Running, jwt: &str, why: &str, since: std::time::Instant| loop {
+        match join(n, jwt) {
+            Ok(s) => drop(s),
+            Err(spacegate_client::ClientError::Rejected { error, .. })
+                if error.message.contains(why) =>
+            {
+                return since.elapsed();
+            }
+            Err(spacegate_client::ClientError::Rejected { .. }) => {}
+            Err(e) => panic!("join failed otherwise: {e}"),
+        }
+        assert!(since.elapsed() < Duration::from_secs(10), "never refused");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    let space = create(&a, &token, "/video/v1/spaces");
+    let space_id = space["id"].as_str().expect("id").to_string();
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let jwt = sign(&space_id, &key);
+    // B caches the key and the space.
+    drop(join(&b, &jwt).expect("join on B"));
+    let res = http()
+        .delete(format!(
+            "{}/system/v1/signing-keys/{}",
+            a.url,
+            key["id"].as_str().expect("kid")
+        ))
+        .basic_auth(&token.0, Some(&token.1))
+        .send()
+        .expect("send");
+    assert_eq!(res.status(), 204);
+    let took = refused_after(&b, &jwt, "unknown or deleted", std::time::Instant::now());
+    assert!(
+        took < Duration::from_secs(1),
+        "key still valid on B after {took:?}"
+    );
+
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let jwt = sign(&space_id, &key);
+    drop(join(&b, &jwt).expect("join on B with the new key"));
+    // The space is idle once B has written the leave; then A can delete it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = http()
+            .delete(format!("{}/video/v1/spaces/{space_id}", a.url))
+            .basic_auth(&token.0, Some(&token.1))
+            .send()
+            .expect("send");
+        if res.status() == 204 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "space never deletable"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = refused_after(&b, &jwt, "does not exist", std::time::Instant::now());
+    assert!(
+        took < Duration::from_secs(1),
+        "space still joinable on B after {took:?}"
+    );
+}

@@ -286,6 +286,39 @@ impl spacegate_session::Registry for StallingRegistry {
     > {
         self.inner.participants(space).await
     }
+
+    async fn holder(
+        &self,
+        space: &spacegate_proto::SpaceId,
+        participant: &spacegate_proto::ParticipantId,
+    ) -> Result<Option<spacegate_proto::ConnectionId>, spacegate_session::ReserveError> {
+        self.inner.holder(space, participant).await
+    }
+
+    async fn record_departure(
+        &self,
+        space: &spacegate_proto::SpaceId,
+        participant: &spacegate_proto::ParticipantId,
+        credential: &str,
+        grace: Duration,
+        now_ms: u64,
+    ) -> Result<(), spacegate_session::ReserveError> {
+        self.inner
+            .record_departure(space, participant, credential, grace, now_ms)
+            .await
+    }
+
+    async fn departed_recently(
+        &self,
+        space: &spacegate_proto::SpaceId,
+        participant: &spacegate_proto::ParticipantId,
+        credential: &str,
+        now_ms: u64,
+    ) -> Result<bool, spacegate_session::ReserveError> {
+        self.inner
+            .departed_recently(space, participant, credential, now_ms)
+            .await
+    }
 }
 
 #[tokio::test]

@@ -1,15 +1,25 @@
-//! Session registry of the join gateway: who is connected to which space.
+//! Session registry of the join gateway: who is connected to which space, and who left
+//! recently enough to come back on an expired token.
 //!
 //! Owns: the backend-neutral [`Registry`] trait, whose one operation that matters,
 //! [`Registry::reserve`], checks and inserts a participant in a single atomic step; the
-//! in-memory implementation (single node); and the conformance suite the Redis
-//! implementation (cluster mode) must pass too. Refuses: sockets, clocks, JWTs. Ids are
-//! passed in.
+//! in-memory implementation (single node); the Redis implementation (cluster mode, cargo
+//! feature `redis`); and the conformance suite every backend must pass (cargo feature
+//! `conformance`, for tests only). Refuses: JWTs, and reading a clock for its answers:
+//! departure times are passed in, or left to Redis' key expiry (the Redis backend's timers
+//! only bound its waits and pace its lease renewals). Ids are passed in.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{LeaseRenewal, RedisRegistry};
 pub use memory::MemoryRegistry;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
@@ -72,6 +82,11 @@ pub enum ReserveError {
 pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     /// Atomically: refuse if the participant is connected (unless reconnecting with the
     /// same credential) or the space is full; otherwise record `connection` for it.
+    ///
+    /// A successful reserve also clears the participant's departure record (see
+    /// [`Registry::record_departure`]): the participant is back, and its next departure
+    /// writes a new one. While it is connected, the registered entry (same credential) is
+    /// what lets it reconnect.
     async fn reserve(&self, request: ReserveRequest<'_>) -> Result<Reservation, ReserveError>;
 
     /// Removes the participant if, and only if, `connection` still holds it: a late release
@@ -83,9 +98,56 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
         connection: &ConnectionId,
     ) -> Result<bool, ReserveError>;
 
-    /// The participants connected to `space`, with their connections.
+    /// The participants connected to `space`, with their connections, in no particular
+    /// order.
     async fn participants(
         &self,
         space: &SpaceId,
     ) -> Result<Vec<(ParticipantId, ConnectionId)>, ReserveError>;
+
+    /// Whether the backend answers, for readiness checks. In memory it always does.
+    async fn ping(&self) -> Result<(), ReserveError> {
+        Ok(())
+    }
+
+    /// The connection that holds `participant` in `space`, if any: the point query of
+    /// "is this participant here", without fetching the whole space.
+    async fn holder(
+        &self,
+        space: &SpaceId,
+        participant: &ParticipantId,
+    ) -> Result<Option<ConnectionId>, ReserveError>;
+
+    /// Remembers that `participant` left `space` holding `credential`, for `grace` from
+    /// `now_ms` (milliseconds on the caller's clock; a backend with a clock of its own, such
+    /// as Redis' key expiry, may ignore it). It replaces any earlier record of that
+    /// participant, whatever its credential: only the latest departure counts. A zero (or
+    /// sub-millisecond) `grace` records nothing and forgets the earlier record.
+    ///
+    /// The records live in the registry, not in one node's memory, so that a reconnect
+    /// that lands on another node (after the first one crashed) is recognised.
+    async fn record_departure(
+        &self,
+        space: &SpaceId,
+        participant: &ParticipantId,
+        credential: &str,
+        grace: Duration,
+        now_ms: u64,
+    ) -> Result<(), ReserveError>;
+
+    /// Whether `participant` left `space` less than its grace ago (as of `now_ms`, on the
+    /// clock `record_departure` was given) holding this very `credential` (compared in
+    /// constant time, or as digests), and has not been reserved again since.
+    async fn departed_recently(
+        &self,
+        space: &SpaceId,
+        participant: &ParticipantId,
+        credential: &str,
+        now_ms: u64,
+    ) -> Result<bool, ReserveError>;
+}
+
+/// Milliseconds of `d`, saturating; what the backends keep departure graces in.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -6,14 +6,18 @@
 //! hashes of access-token secrets and public halves of signing keys are ever stored), and
 //! any HTTP or JWT knowledge.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 mod model;
+mod postgres;
+mod rows;
 mod sqlite;
 
 pub use model::{
     AccessTokenRecord, DeleteSpaceOutcome, Environment, Page, Permissions, SigningKeyRecord,
     SpaceRecord, SpaceStatus,
 };
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 use async_trait::async_trait;
@@ -111,4 +115,39 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         }
         Ok(())
     }
+}
+
+/// A batch of space transitions folded per space, for backends that apply it as two
+/// set-based statements (idle first, then active): the spaces that go idle, and the
+/// session each space that ends up active gets. The changes apply in order, so a space
+/// that goes idle and active again in one batch gets its new session, and a later
+/// `Active` of a space already active changes nothing (the first session wins).
+pub(crate) fn fold_activity(
+    changes: &[(SpaceId, Option<SessionId>)],
+) -> (Vec<&str>, Vec<(&str, &str)>) {
+    let mut last: std::collections::HashMap<&str, (bool, Option<&SessionId>)> =
+        std::collections::HashMap::new();
+    for (id, session) in changes {
+        let (idles, first_active) = last.entry(id.as_str()).or_default();
+        match session {
+            None => {
+                *idles = true;
+                *first_active = None;
+            }
+            Some(s) => {
+                first_active.get_or_insert(s);
+            }
+        }
+    }
+    let mut idle = Vec::new();
+    let mut active = Vec::new();
+    for (id, (idles, first_active)) in last {
+        if idles {
+            idle.push(id);
+        }
+        if let Some(s) = first_active {
+            active.push((id, s.as_str()));
+        }
+    }
+    (idle, active)
 }

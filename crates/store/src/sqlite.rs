@@ -4,13 +4,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use spacegate_proto::{AccessTokenId, EnvironmentId, KeyId, SessionId, SpaceId};
-use sqlx::Row;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
 use crate::model::*;
+use crate::rows::{key_from_row, space_from_row, token_from_row};
 
 /// idle → active with a session id; a no-op for a space already active (or missing).
 const MARK_ACTIVE: &str =
@@ -26,6 +25,7 @@ const MARK_ALL_IDLE: &str =
 /// [`MARK_IDLE`] for many spaces at once: the parameter is a JSON array of space ids.
 const MARK_IDLE_MANY: &str = "UPDATE spaces SET status = 'idle', active_session_id = NULL \
      WHERE status = 'active' AND id IN (SELECT value FROM json_each(?))";
+use crate::rows::{SPACE_COLUMNS, SqlRow, TOKEN_COLUMNS, corrupt};
 use crate::{Result, Store, StoreError};
 
 /// Schema migrations, applied in order inside one transaction each. Append only: a shipped
@@ -197,73 +197,6 @@ impl SqliteStore {
     }
 }
 
-fn corrupt<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StoreError + '_ {
-    move |e| StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    row.try_get(name).map_err(backend)
-}
-
-const TOKEN_COLUMNS: &str = "t.id, t.name, t.permissions, t.secret_sha256, t.created_at, \
-     e.id AS env_id, e.name AS env_name, e.created_at AS env_created_at";
-
-fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
-    let hash: Vec<u8> = col(row, "secret_sha256")?;
-    Ok(AccessTokenRecord {
-        id: AccessTokenId::new(col::<String>(row, "id")?).map_err(corrupt("token id"))?,
-        environment: Environment {
-            id: EnvironmentId::new(col::<String>(row, "env_id")?)
-                .map_err(corrupt("environment id"))?,
-            name: col(row, "env_name")?,
-            created_at: col(row, "env_created_at")?,
-        },
-        name: col(row, "name")?,
-        permissions: Permissions::parse(&col::<String>(row, "permissions")?)
-            .map_err(corrupt("permissions"))?,
-        secret_sha256: hash
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("secret hash is not 32 bytes".into()))?,
-        created_at: col(row, "created_at")?,
-    })
-}
-
-fn key_from_row(row: &SqliteRow) -> Result<SigningKeyRecord> {
-    Ok(SigningKeyRecord {
-        id: KeyId::new(col::<String>(row, "id")?).map_err(corrupt("key id"))?,
-        environment_id: EnvironmentId::new(col::<String>(row, "environment_id")?)
-            .map_err(corrupt("environment id"))?,
-        public_key_der: col(row, "public_key")?,
-        created_at: col(row, "created_at")?,
-    })
-}
-
-fn space_from_row(row: &SqliteRow) -> Result<SpaceRecord> {
-    let status = match col::<String>(row, "status")?.as_str() {
-        "idle" => SpaceStatus::Idle,
-        "active" => SpaceStatus::Active,
-        other => return Err(StoreError::Corrupt(format!("space status {other:?}"))),
-    };
-    Ok(SpaceRecord {
-        id: SpaceId::new(col::<String>(row, "id")?).map_err(corrupt("space id"))?,
-        environment_id: EnvironmentId::new(col::<String>(row, "environment_id")?)
-            .map_err(corrupt("environment id"))?,
-        passthrough: col(row, "passthrough")?,
-        status,
-        active_session_id: col::<Option<String>>(row, "active_session_id")?
-            .map(SessionId::new)
-            .transpose()
-            .map_err(corrupt("session id"))?,
-        created_at: col(row, "created_at")?,
-    })
-}
-
-const SPACE_COLUMNS: &str =
-    "id, environment_id, passthrough, status, active_session_id, created_at";
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<()> {
@@ -293,10 +226,9 @@ impl Store for SqliteStore {
             .await
             .map_err(backend)?;
         Ok(Environment {
-            id: EnvironmentId::new(col::<String>(&row, "id")?)
-                .map_err(corrupt("environment id"))?,
-            name: col(&row, "name")?,
-            created_at: col(&row, "created_at")?,
+            id: EnvironmentId::new(row.text("id")?).map_err(corrupt("environment id"))?,
+            name: row.text("name")?,
+            created_at: row.int("created_at")?,
         })
     }
 
@@ -507,35 +439,12 @@ impl Store for SqliteStore {
         // `synchronous=FULL` every commit is an fsync, and each statement is a round trip
         // to sqlx's worker thread (a wakeup and a context switch), so one statement per
         // space cost a join storm over small spaces ~10 % of its CPU.
-        //
-        // The changes apply in order, so each space's sequence is folded first: the idle
-        // statement runs before the active one, so a space that goes idle and active again
-        // in one batch gets the new session; a later `Active` of a space already active
-        // changes nothing.
-        let mut last: std::collections::HashMap<&str, (bool, Option<&SessionId>)> =
-            std::collections::HashMap::new();
-        for (id, session) in changes {
-            let (idles, first_active) = last.entry(id.as_str()).or_default();
-            match session {
-                None => {
-                    *idles = true;
-                    *first_active = None;
-                }
-                Some(s) => {
-                    first_active.get_or_insert(s);
-                }
-            }
-        }
-        let mut active = serde_json::Map::new();
-        let mut idle = Vec::new();
-        for (id, (idles, first_active)) in last {
-            if idles {
-                idle.push(serde_json::Value::from(id));
-            }
-            if let Some(s) = first_active {
-                active.insert(id.to_owned(), s.as_str().into());
-            }
-        }
+        let (idle, active) = crate::fold_activity(changes);
+        let idle: Vec<serde_json::Value> = idle.into_iter().map(serde_json::Value::from).collect();
+        let active: serde_json::Map<String, serde_json::Value> = active
+            .into_iter()
+            .map(|(id, s)| (id.to_owned(), s.into()))
+            .collect();
         let mut tx = self.pool.begin().await.map_err(backend)?;
         // Idle first: a space that went idle and active again gets its new session.
         let statements = [

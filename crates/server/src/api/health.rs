@@ -39,6 +39,22 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
                 "ping timed out".into(),
             ))
         });
+    // The cluster's registry (Redis): without it no join can be admitted, though the
+    // connections already here keep their signaling and media.
+    let registry = tokio::time::timeout(limit, state.gateway.registry.ping())
+        .await
+        .unwrap_or_else(|_| {
+            Err(spacegate_session::ReserveError::Backend(
+                "ping timed out".into(),
+            ))
+        });
+    if let Err(e) = registry {
+        tracing::warn!(error = %e, "session registry not ready");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "degraded", "registry": "unavailable"})),
+        );
+    }
     match ping {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Err(e) => {

@@ -27,39 +27,45 @@ use crate::join::{JoinAuthError, verify_join_token};
 use crate::metrics::{JoinOutcome as O, JoinStage};
 
 impl Gateway {
-    pub(super) fn record_departure(
+    /// Remembers, in the registry (shared by the cluster's nodes), that `participant` left
+    /// `space` holding `credential`: within `reconnect_grace` it may come back on an
+    /// expired token, on any node. A failure only costs that grace, so it is logged, not
+    /// passed on.
+    pub(super) async fn record_departure(
         &self,
         space: &SpaceId,
         participant: &ParticipantId,
-        credential: String,
+        credential: &str,
     ) {
-        let mut departed = lock(&self.departed);
-        // Forget what is past the grace period whenever the map has grown; one sweep per
-        // doubling keeps this amortised O(1).
-        if departed.len() >= 1024 && departed.len().is_power_of_two() {
-            let grace = self.config.reconnect_grace;
-            departed.retain(|_, (at, _)| at.elapsed() <= grace);
+        let now_ms = self.now_ms();
+        if let Err(e) = self
+            .registry
+            .record_departure(
+                space,
+                participant,
+                credential,
+                self.config.reconnect_grace,
+                now_ms,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "departure record not written");
         }
-        departed.insert(
-            (space.clone(), participant.clone()),
-            (Instant::now(), credential),
-        );
     }
 
     /// Whether `participant` was in `space` recently enough, with this credential, to come
-    /// back on an expired token.
-    fn departed_recently(
+    /// back on an expired token. A registry that cannot answer says no: the client
+    /// reconnects with a fresh token instead.
+    async fn departed_recently(
         &self,
         space: &SpaceId,
         participant: &ParticipantId,
         credential: &str,
     ) -> bool {
-        lock(&self.departed)
-            .get(&(space.clone(), participant.clone()))
-            .is_some_and(|(at, c)| {
-                at.elapsed() <= self.config.reconnect_grace
-                    && crate::tokens::constant_time_eq(c.as_bytes(), credential.as_bytes())
-            })
+        self.registry
+            .departed_recently(space, participant, credential, self.now_ms())
+            .await
+            .unwrap_or(false)
     }
 }
 
@@ -356,7 +362,10 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
             // someone else's (`host`, a token-named user who is away), and the join gets
             // a fresh id instead, below.
             let credential = token_fingerprint();
-            let mode = if gw.departed_recently(&claims.space_id, &id, &credential) {
+            let mode = if gw
+                .departed_recently(&claims.space_id, &id, &credential)
+                .await
+            {
                 ReserveMode::Reconnect
             } else {
                 ReserveMode::Resume
@@ -368,12 +377,13 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     if expired_reconnect {
         let still_registered = gw
             .registry
-            .participants(&claims.space_id)
+            .holder(&claims.space_id, &participant_id)
             .await
-            .map(|ps| ps.iter().any(|(p, _)| p == &participant_id))
-            .unwrap_or(false);
+            .is_ok_and(|h| h.is_some());
         if !still_registered
-            && !gw.departed_recently(&claims.space_id, &participant_id, &credential)
+            && !gw
+                .departed_recently(&claims.space_id, &participant_id, &credential)
+                .await
         {
             return Err(join_error(
                 O::Expired,

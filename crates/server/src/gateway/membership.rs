@@ -71,7 +71,13 @@ impl Membership {
     /// free when this returns.
     pub(super) async fn end(mut self) {
         self.ended = true;
-        self.release_local(false);
+        // The departure record is written before the claim is released, so a reconnect
+        // always finds one or the other.
+        if let Some(credential) = self.release_local(false) {
+            self.gw
+                .record_departure(&self.space, &self.participant, &credential)
+                .await;
+        }
         if let Err(e) = self
             .gw
             .registry
@@ -82,18 +88,16 @@ impl Membership {
         }
     }
 
-    /// Connection entry, departure record, space membership. During a panic the space's
-    /// own state may be what panicked: its leave runs on a task of its own then, not in
-    /// the middle of the unwinding.
-    fn release_local(&mut self, deferred: bool) {
+    /// Connection entry and space membership; returns the credential for the departure
+    /// record if the member was in the space (the caller writes it to the registry, which
+    /// may be across the network). During a panic the space's own state may be what
+    /// panicked: its leave runs on a task of its own then, not in the middle of the
+    /// unwinding.
+    fn release_local(&mut self, deferred: bool) -> Option<String> {
         if self.registered {
             lock(&self.gw.conns).remove(&self.conn);
         }
-        let Some(credential) = self.joined.take() else {
-            return;
-        };
-        self.gw
-            .record_departure(&self.space, &self.participant, credential);
+        let credential = self.joined.take()?;
         let (gw, space, conn) = (self.gw.clone(), self.space.clone(), self.conn.clone());
         let leave = move || gw.with_space(&space, |s, out| s.leave(&conn, out));
         match tokio::runtime::Handle::try_current() {
@@ -102,6 +106,7 @@ impl Membership {
             }
             _ => leave(),
         }
+        Some(credential)
     }
 }
 
@@ -110,7 +115,7 @@ impl Drop for Membership {
         if self.ended {
             return;
         }
-        self.release_local(std::thread::panicking());
+        let departed = self.release_local(std::thread::panicking());
         let (gw, space, participant, conn) = (
             self.gw.clone(),
             self.space.clone(),
@@ -121,6 +126,9 @@ impl Drop for Membership {
         // (process exit) there is nothing left to release for.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
+                if let Some(credential) = departed {
+                    gw.record_departure(&space, &participant, &credential).await;
+                }
                 let _ = gw.registry.release(&space, &participant, &conn).await;
             });
         }

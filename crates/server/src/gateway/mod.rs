@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
+use spacegate_proto::{ConnectionId, SpaceId};
 use spacegate_session::Registry;
 use spacegate_signaling::SpaceConfig;
 
@@ -145,9 +145,6 @@ pub struct Gateway {
     /// Each connection's outbound queue and close signal. A full queue (a reader too
     /// slow) closes with 4000; a broken media plane asks for 1012 (the SDK reconnects).
     conns: Mutex<HashMap<ConnectionId, Arc<outbox::Outbox>>>,
-    /// Participants that left recently: (space, participant) → (when, credential). Lets a
-    /// reconnect with an expired token through, within `reconnect_grace`.
-    departed: Mutex<HashMap<(SpaceId, ParticipantId), (Instant, String)>>,
     activity: Arc<activity::ActivityQueue>,
     /// Set once shutdown began: every connection, present or arriving, closes with 1012.
     draining: std::sync::atomic::AtomicBool,
@@ -193,7 +190,6 @@ impl Gateway {
             config,
             spaces: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
-            departed: Mutex::new(HashMap::new()),
             activity,
             draining: false.into(),
             started: Instant::now(),
@@ -259,6 +255,15 @@ impl Gateway {
             tracing::warn!(
                 "space status not fully written at shutdown; the next start marks every space idle"
             );
+        }
+    }
+
+    /// Asks every connection to reconnect (1012) without draining: the registry no longer
+    /// vouches for this node's claims (its lease lapsed while Redis was unreachable), so
+    /// each participant must claim its id again, here or on another node.
+    pub fn reconnect_all(&self) {
+        for c in lock(&self.conns).values() {
+            c.close(CLOSE_RESTART);
         }
     }
 
