@@ -53,6 +53,7 @@ pub struct FileConfig {
     pub node_id: Option<String>,
     pub cluster: Option<String>,
     pub node_lease_ms: Option<u64>,
+    pub internal_url: Option<String>,
 }
 
 /// Simulcast layers the SDK is told to send (`joined.simulcast`), lowest first.
@@ -176,6 +177,9 @@ pub struct Config {
     /// How long this node's registry entries outlive its last lease renewal (renewed every
     /// third of it): a node that dies frees its participants' ids within this.
     pub node_lease: std::time::Duration,
+    /// Where the other nodes of a cluster reach this one (`ws://host:port`) to carry joins
+    /// for the spaces it is home to; default: the address it listens on.
+    pub internal_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +210,7 @@ pub struct Overrides {
     pub node_id: Option<String>,
     pub cluster: Option<String>,
     pub node_lease_ms: Option<u64>,
+    pub internal_url: Option<String>,
 }
 
 impl Config {
@@ -247,6 +252,7 @@ impl Config {
             tls,
             database_url: over.database_url.or(file.database_url),
             redis_url: over.redis_url.or(file.redis_url),
+            internal_url: over.internal_url.or(file.internal_url),
             node_id: node_id.unwrap_or_else(generated_node_id),
             cluster,
             node_lease: std::time::Duration::from_millis(

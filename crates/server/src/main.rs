@@ -121,6 +121,10 @@ struct ServeArgs {
     /// renewal: a node that dies frees their ids within this [default: 6000].
     #[arg(long, env = "SPACEGATE_NODE_LEASE_MS")]
     node_lease_ms: Option<u64>,
+    /// Where the other nodes reach this one to carry joins for spaces homed here:
+    /// ws://HOST:PORT [default: ws:// + the address it listens on].
+    #[arg(long, env = "SPACEGATE_INTERNAL_URL")]
+    internal_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +213,7 @@ fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> Result<Config> {
         node_id: serve.and_then(|s| s.node_id.clone()),
         cluster: serve.and_then(|s| s.cluster.clone()),
         node_lease_ms: serve.and_then(|s| s.node_lease_ms),
+        internal_url: serve.and_then(|s| s.internal_url.clone()),
     };
     Config::resolve(file, over).map_err(|e| anyhow::anyhow!(e))
 }
@@ -376,6 +381,23 @@ async fn serve(args: ServeArgs) -> Result<()> {
     )
     .with_context(|| format!("binding the media socket {media_listen}"))?;
     if let Some(redis) = registry.redis {
+        let internal = match &config.internal_url {
+            Some(url) => url.clone(),
+            None if addr.ip().is_unspecified() => anyhow::bail!(
+                "listening on {addr}: give --internal-url, the address other nodes reach this one at"
+            ),
+            // Nodes carry joins to each other over plain WebSockets: a private network,
+            // or a proxy in front that terminates TLS.
+            None if config.tls.is_some() => anyhow::bail!(
+                "with --tls-cert, give --internal-url: a ws:// address other nodes reach this one at"
+            ),
+            None => format!("ws://{addr}"),
+        };
+        redis
+            .advertise(&internal)
+            .await
+            .context("advertising this node in the registry")?;
+        state.gateway.set_homes(redis.clone());
         keep_node_lease(redis, state.gateway.clone());
         if let Some(url) = &config.redis_url {
             spacegate_server::cluster::spawn_bus(url, &config.cluster, state.keys.clone())?;

@@ -1237,3 +1237,198 @@ fn deletes_reach_every_node_of_a_cluster_within_a_second() {
         "space still joinable on B after {took:?}"
     );
 }
+
+/// Any node takes any client: a space lives on one node (its home), a participant who
+/// enters through another node is carried there, and both see each other, exchange custom
+/// events and leave as on one node. When the home dies, the carried client is told to
+/// reconnect (1012), and its next join, through the same node, re-homes the space.
+#[test]
+fn participants_entering_through_different_nodes_share_one_space() {
+    use spacegate_proto::signaling::ServerMessage;
+    let Some(Cluster {
+        db,
+        redis,
+        dir,
+        cluster,
+        token,
+    }) = Cluster::new("cli-home-")
+    else {
+        return;
+    };
+    let lease_ms: u64 = 1000;
+    let node = |id: &str| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args([
+                "--redis-url",
+                &redis,
+                "--cluster",
+                &cluster,
+                "--node-id",
+                id,
+            ])
+            .args(["--node-lease-ms", &lease_ms.to_string()]);
+        start(cmd)
+    };
+    let (mut a, b) = (node("a"), node("b"));
+    let space = create(&a, &token, "/video/v1/spaces");
+    let space_id = space["id"].as_str().expect("id").to_string();
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let sign = |participant: &str| {
+        run_ok(spacegate(dir.path()).args([
+            "sign",
+            &space_id,
+            "--participant-id",
+            participant,
+            "--key-id",
+            key["id"].as_str().expect("kid"),
+            "--private-key",
+            key["private_key"].as_str().expect("key"),
+        ]))
+    };
+    let (alice_jwt, bob_jwt) = (sign("alice"), sign("bob"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let join = |n: &Running, jwt: &str| {
+        let ws = n.url.replacen("http://", "ws://", 1);
+        rt.block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+    };
+    // Alice enters through A, which becomes the space's home; Bob through B.
+    let mut alice = join(&a, &alice_jwt).expect("alice via A");
+    let mut bob = join(&b, &bob_jwt).expect("bob via B, carried to A");
+    let others: Vec<&str> = bob
+        .joined()
+        .participants
+        .iter()
+        .map(|p| p.participant_id.as_str())
+        .collect();
+    assert_eq!(others, ["alice"], "bob's joined lists alice");
+    rt.block_on(async {
+        loop {
+            match alice.next().await.expect("alice hears").message {
+                ServerMessage::ParticipantConnected(p) => {
+                    assert_eq!(p.participant_id, "bob");
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        let sent = bob
+            .publish_custom_event("hello-1", "{\"hi\":1}")
+            .await
+            .expect("bob's event echoed");
+        loop {
+            match alice.next().await.expect("alice hears").message {
+                ServerMessage::CustomEvent(e) => {
+                    assert_eq!(e.payload, "{\"hi\":1}");
+                    assert_eq!(e.sequence_num, sent.sequence_num, "one sequence per space");
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    });
+
+    // The home dies: Bob's carried connection is told to reconnect.
+    a.child.kill().expect("kill -9 A");
+    a.child.wait().expect("reap");
+    drop(alice);
+    let code = rt.block_on(bob.closed()).expect("bob's connection ends");
+    assert_eq!(code, Some(1012), "the SDK reconnects on 1012");
+    // B re-homes the space once A's lease (and with it Bob's old claim) has run out.
+    let died = std::time::Instant::now();
+    loop {
+        match join(&b, &bob_jwt) {
+            Ok(s) => {
+                assert!(s.joined().participants.is_empty(), "alice died with A");
+                break;
+            }
+            Err(spacegate_client::ClientError::Rejected { .. }) => {
+                assert!(
+                    died.elapsed() < Duration::from_millis(lease_ms + 5000),
+                    "space not re-homed {:?} after A died",
+                    died.elapsed()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("rejoin through B failed: {e}"),
+        }
+    }
+}
+
+/// Media goes straight to the space's home: a publisher entering through the home and a
+/// subscriber entering through another node (whose signaling is carried) get each other's
+/// media, unchanged.
+#[test]
+fn media_reaches_a_participant_who_entered_through_another_node() {
+    use spacegate_client::participant::{Participant, Synthetic, TrackSpec, audio_payload};
+    let Some(Cluster {
+        db,
+        redis,
+        dir,
+        cluster,
+        token,
+    }) = Cluster::new("cli-media-")
+    else {
+        return;
+    };
+    let node = |id: &str| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args([
+                "--redis-url",
+                &redis,
+                "--cluster",
+                &cluster,
+                "--node-id",
+                id,
+            ]);
+        start(cmd)
+    };
+    let (a, b) = (node("a"), node("b"));
+    let space = create(&a, &token, "/video/v1/spaces");
+    let space_id = space["id"].as_str().expect("id").to_string();
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let sign = |participant: &str| {
+        run_ok(spacegate(dir.path()).args([
+            "sign",
+            &space_id,
+            "--participant-id",
+            participant,
+            "--key-id",
+            key["id"].as_str().expect("kid"),
+            "--private-key",
+            key["private_key"].as_str().expect("key"),
+        ]))
+    };
+    let (alice_jwt, bob_jwt) = (sign("alice"), sign("bob"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let options = spacegate_client::JoinOptions::default();
+        let ws = |n: &Running| n.url.replacen("http://", "ws://", 1);
+        let mut alice = Participant::join(&ws(&a), alice_jwt.trim(), &options)
+            .await
+            .expect("alice via A");
+        let pc = alice
+            .publish(&[TrackSpec::audio("alice-a")])
+            .await
+            .expect("publish");
+        let (_synthetic, _task) = Synthetic::start(pc, Some("alice-a".into()), None, 127);
+        let mut bob = Participant::join(&ws(&b), bob_jwt.trim(), &options)
+            .await
+            .expect("bob via B");
+        bob.pump_until(Duration::from_secs(15), |p| {
+            p.sub.stats("alice-a").map_or(0, |s| s.packets) >= 50
+        })
+        .await
+        .expect("alice's audio reaches bob");
+        let stats = bob.sub.stats("alice-a").expect("stats");
+        for payload in &stats.first_payloads {
+            let seq = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+            assert_eq!(payload, &audio_payload(seq), "audio payload {seq} changed");
+        }
+    });
+}

@@ -151,3 +151,28 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+/// Where a space's signaling state and media peers live in a cluster: exactly one node at
+/// a time, its *home*.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Home {
+    /// This node (it holds the claim now, taken or found).
+    Here,
+    /// Another live node, reached for relaying at `url` (its internal URL; empty while
+    /// that node has not advertised one yet).
+    There { node: String, url: String },
+}
+
+/// The cluster's claims on space homes. A claim belongs to its node's lease like a
+/// registry entry: a node that dies (or cannot renew) loses every home it held, and the
+/// next join re-homes the space.
+#[async_trait]
+pub trait SpaceHomes: Send + Sync + std::fmt::Debug + 'static {
+    /// The space's home, atomically claimed for this node if it has none (or its home
+    /// node is dead).
+    async fn claim_home(&self, space: &SpaceId) -> Result<Home, ReserveError>;
+
+    /// Gives up this node's claim on the space's home (its last participant left); a
+    /// claim of another node is left alone. Whether there was one to give up.
+    async fn release_home(&self, space: &SpaceId) -> Result<bool, ReserveError>;
+}

@@ -30,7 +30,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script, Value};
 use spacegate_proto::{ConnectionId, ParticipantId, SpaceId};
 
-use crate::{Registry, Reservation, ReserveError, ReserveMode, ReserveRequest, millis};
+use crate::{
+    Home, Registry, Reservation, ReserveError, ReserveMode, ReserveRequest, SpaceHomes, millis,
+};
 
 /// The longest a registry call waits for one Redis round trip. A join waits on the
 /// registry, so a Redis that is gone or stuck must fail it fast, not hang it.
@@ -194,6 +196,8 @@ struct Scripts {
     release: Script,
     holder: Script,
     participants: Script,
+    home_claim: Script,
+    home_release: Script,
 }
 
 /// The [`Registry`] on Redis for a cluster of gateway nodes, each with its own instance.
@@ -217,6 +221,9 @@ pub struct RedisRegistry {
     /// incarnations, and reservations made under the first would die with it.
     renewing: tokio::sync::Mutex<()>,
     scripts: Scripts,
+    /// This node's internal URL, the value of its lease key: how other nodes reach the
+    /// spaces it is home to. Empty until [`RedisRegistry::advertise`].
+    advertised: Mutex<String>,
 }
 
 impl std::fmt::Debug for RedisRegistry {
@@ -345,6 +352,7 @@ impl RedisRegistry {
         let registry = Self {
             conn,
             lease_prefix: format!("{prefix}node:"),
+            advertised: Mutex::new(String::new()),
             prefix,
             node_id: node_id.to_string(),
             lease,
@@ -355,6 +363,8 @@ impl RedisRegistry {
                 release: Script::new(RELEASE),
                 holder: Script::new(HOLDER),
                 participants: Script::new(PARTICIPANTS),
+                home_claim: Script::new(HOME_CLAIM),
+                home_release: Script::new(HOME_RELEASE),
             },
         };
         registry.take_lease(&registry.owner()).await?;
@@ -391,7 +401,7 @@ impl RedisRegistry {
             "renew",
             redis::cmd("SET")
                 .arg(self.lease_key(&owner))
-                .arg(&self.node_id)
+                .arg(self.advertised())
                 .arg("PX")
                 .arg(millis(self.lease))
                 .arg("XX")
@@ -444,12 +454,32 @@ impl RedisRegistry {
             "lease",
             redis::cmd("SET")
                 .arg(self.lease_key(owner))
-                .arg(&self.node_id)
+                .arg(self.advertised())
                 .arg("PX")
                 .arg(millis(self.lease))
                 .query_async::<()>(&mut conn),
         )
         .await
+    }
+
+    fn advertised(&self) -> String {
+        self.advertised
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Tells the other nodes where this one takes relayed joins (`url`, its internal URL):
+    /// stored in the lease key at once and with every renewal.
+    pub async fn advertise(&self, url: &str) -> Result<(), ReserveError> {
+        *self.advertised.lock().unwrap_or_else(|p| p.into_inner()) = url.to_string();
+        match self.renew().await? {
+            LeaseRenewal::Renewed | LeaseRenewal::Lapsed => Ok(()),
+        }
+    }
+
+    fn home_key(&self, space: &SpaceId) -> String {
+        format!("{}home:{space}", self.prefix)
     }
 
     fn lease_key(&self, owner: &str) -> String {
@@ -631,6 +661,81 @@ impl Registry for RedisRegistry {
             )
             .is_ok()
         }))
+    }
+}
+
+/// Claim a space's home. KEYS: home key, own lease key. ARGV: lease key prefix, own owner.
+/// Answers `{owner, url}`: a live home's owner and advertised URL, or this node's owner
+/// after it took the claim (the home was absent or its node dead).
+const HOME_CLAIM: &str = r#"
+local home, own_lease = KEYS[1], KEYS[2]
+local lease_prefix, owner = ARGV[1], ARGV[2]
+local current = redis.call('GET', home)
+if current and current ~= owner then
+  local url = redis.call('GET', lease_prefix .. current)
+  if url then
+    return {current, url}
+  end
+end
+if redis.call('EXISTS', own_lease) == 0 then
+  return {'', 'lapsed'}
+end
+redis.call('SET', home, owner)
+return {owner, ''}
+"#;
+
+/// Release a space's home if this node holds it. KEYS: home key. ARGV: own owner.
+const HOME_RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+#[async_trait]
+impl SpaceHomes for RedisRegistry {
+    async fn claim_home(&self, space: &SpaceId) -> Result<Home, ReserveError> {
+        for _ in 0..2 {
+            let owner = self.owner();
+            let mut conn = self.conn.clone();
+            let (home, url): (String, String) = bounded(
+                "home claim",
+                self.scripts
+                    .home_claim
+                    .key(self.home_key(space))
+                    .key(self.lease_key(&owner))
+                    .arg(&self.lease_prefix)
+                    .arg(&*owner)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+            if home.is_empty() {
+                // This node's lease lapsed: renew (a new incarnation) and try once more.
+                self.renew().await?;
+                continue;
+            }
+            if home == *owner {
+                return Ok(Home::Here);
+            }
+            let node = home.split(':').next().unwrap_or_default().to_string();
+            return Ok(Home::There { node, url });
+        }
+        Err(ReserveError::Backend("node lease keeps lapsing".into()))
+    }
+
+    async fn release_home(&self, space: &SpaceId) -> Result<bool, ReserveError> {
+        let owner = self.owner();
+        let mut conn = self.conn.clone();
+        let released: i64 = bounded(
+            "home release",
+            self.scripts
+                .home_release
+                .key(self.home_key(space))
+                .arg(&*owner)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(released == 1)
     }
 }
 

@@ -441,3 +441,75 @@ async fn losing_redis_fails_fast_and_recovers() {
     );
     redis.kill().await;
 }
+
+/// One home per space: the first node to ask claims it, every other node is told where it
+/// is (with the URL it advertised), only the holder can release it, and when the holder
+/// dies the next node to ask takes it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_space_has_one_home_which_moves_only_when_its_node_dies() {
+    use spacegate_session::{Home, SpaceHomes};
+    if !shared_redis_is_up().await {
+        return;
+    }
+    let cluster = unique_cluster("home");
+    let _cleanup = Cleanup(cluster.clone());
+    let lease = Duration::from_millis(500);
+    let a = node(SHARED, &cluster, "a", lease).await;
+    let b = node(SHARED, &cluster, "b", lease).await;
+    a.advertise("ws://a.internal:1").await.expect("advertise a");
+    b.advertise("ws://b.internal:2").await.expect("advertise b");
+    let keeper_a = a.spawn_lease_keeper(Duration::MAX);
+    let keeper_b = b.spawn_lease_keeper(Duration::MAX);
+    let s = space("homed");
+
+    // Both ask at once: exactly one gets it.
+    let (ha, hb) = tokio::join!(a.claim_home(&s), b.claim_home(&s));
+    let (ha, hb) = (ha.expect("a asks"), hb.expect("b asks"));
+    let (holder, other, other_home) = match (&ha, &hb) {
+        (Home::Here, there @ Home::There { .. }) => (&a, &b, there.clone()),
+        (there @ Home::There { .. }, Home::Here) => (&b, &a, there.clone()),
+        _ => panic!("not exactly one home: {ha:?} {hb:?}"),
+    };
+    let holder_name = holder.node_id().to_string();
+    assert_eq!(
+        other_home,
+        Home::There {
+            node: holder_name.clone(),
+            url: format!(
+                "ws://{holder_name}.internal:{}",
+                if holder_name == "a" { 1 } else { 2 }
+            ),
+        }
+    );
+    assert_eq!(holder.claim_home(&s).await.expect("again"), Home::Here);
+    assert!(
+        !other.release_home(&s).await.expect("release"),
+        "not its claim"
+    );
+    assert_eq!(other.claim_home(&s).await.expect("still"), other_home);
+
+    // Released by its holder, the home goes to whoever asks next.
+    assert!(holder.release_home(&s).await.expect("release"));
+    assert_eq!(other.claim_home(&s).await.expect("claim"), Home::Here);
+    assert!(other.release_home(&s).await.expect("release"));
+
+    // a holds it and dies: once its lease has run out, b takes the space over.
+    assert_eq!(a.claim_home(&s).await.expect("a claims"), Home::Here);
+    keeper_a.abort();
+    let started = Instant::now();
+    loop {
+        match b.claim_home(&s).await.expect("b asks") {
+            Home::Here => break,
+            Home::There { node, .. } => {
+                assert_eq!(node, "a");
+                assert!(
+                    started.elapsed() < lease * 4,
+                    "still homed on a dead node after {:?}",
+                    started.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    keeper_b.abort();
+}

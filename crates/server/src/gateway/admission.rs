@@ -75,11 +75,14 @@ impl Gateway {
 /// Its `Debug` leaves the token out: it is one `?params` away from a log line.
 #[derive(Default, serde::Deserialize)]
 pub struct JoinParams {
-    token: Option<String>,
-    sdk_version: Option<String>,
-    managed_subscriptions: Option<String>,
-    reconnect_id: Option<String>,
-    display_name: Option<String>,
+    pub(super) token: Option<String>,
+    pub(super) sdk_version: Option<String>,
+    pub(super) managed_subscriptions: Option<String>,
+    pub(super) reconnect_id: Option<String>,
+    pub(super) display_name: Option<String>,
+    /// Set by the node that carried this join here (`relay::RELAYED_PARAM`): host it or
+    /// refuse it, never carry it on.
+    pub(super) relayed: Option<String>,
     /// Where the join comes from (see `limits::source_address`); not from the query.
     #[serde(skip)]
     pub(crate) source: Option<std::net::IpAddr>,
@@ -157,7 +160,23 @@ pub(crate) async fn join(state: AppState, params: JoinParams, mut socket: Ws, st
             )
             .await
             {
-                Ok(r) => r.map(|a| (a, permit)),
+                Ok(Ok(Admission::Relay(url))) => {
+                    // The space lives on another node: this connection only carries the
+                    // client's signaling there, for as long as it lasts (the permit
+                    // counts it against this node's connection limit meanwhile).
+                    match super::relay::connect(&url).await {
+                        Some(home) => {
+                            tokio::spawn(async move {
+                                let _permit = permit;
+                                super::relay::pump(socket, home).await;
+                            });
+                            return;
+                        }
+                        None => Err(unavailable()),
+                    }
+                }
+                Ok(Ok(Admission::Local(a))) => Ok((a, permit)),
+                Ok(Err(r)) => Err(r),
                 // A store or registry that hangs: the claim, if one was made, is released
                 // by its guard (`Membership`).
                 Err(_) => {
@@ -191,6 +210,17 @@ async fn refuse(mut socket: Ws, body: ErrorBody) {
     if send_text_timed(&mut socket, &frame).await.is_ok() {
         close_gracefully(&mut socket, CLOSE_NO_RECONNECT).await;
     }
+}
+
+/// What admission decided for a join that is not refused.
+// Not boxed: `Local` is every single-node join, and a box would be one more allocation on
+// the join path for a value that is moved once.
+#[allow(clippy::large_enum_variant)]
+enum Admission {
+    /// Hosted here.
+    Local(Admitted),
+    /// The space's home is another node: carry the WebSocket to this URL.
+    Relay(String),
 }
 
 pub(super) struct Admitted {
@@ -235,7 +265,11 @@ fn overloaded() -> Refusal {
     )
 }
 
-async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<Admitted, Refusal> {
+async fn admit(
+    state: &AppState,
+    mut params: JoinParams,
+    socket: &mut Ws,
+) -> Result<Admission, Refusal> {
     let gw = &state.gateway;
     // Shed load before spending an RSA verify on it: while the media plane's queue is
     // more than half full, every join would only add to the backlog.
@@ -244,6 +278,7 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     }
     let token = params
         .token
+        .take()
         .filter(|t| !t.is_empty())
         .ok_or_else(|| join_error(O::InvalidToken, JoinErrorType::InvalidJwt, "missing token"))?;
     let now = u64::try_from(gw.config.clock.now_secs()).unwrap_or(0);
@@ -287,6 +322,29 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
     gw.metrics
         .join_stage(JoinStage::Verify, verify_started.elapsed());
     let claims = admitted.claims;
+
+    // In a cluster the space has one home node; a join that entered elsewhere is carried
+    // there (after the token check here, so garbage never costs the home node anything).
+    if let Some(homes) = gw.homes() {
+        match homes.claim_home(&claims.space_id).await {
+            Ok(spacegate_session::Home::Here) => {}
+            Ok(spacegate_session::Home::There { url, .. })
+                if params.relayed.is_none() && !url.is_empty() =>
+            {
+                return Ok(Admission::Relay(super::relay::target(
+                    &url, &token, &params,
+                )));
+            }
+            // Carried here by a node that thought this one the home, but it is not (any
+            // more), or the home has not said where it listens yet: the SDK's next attempt
+            // finds the current home.
+            Ok(spacegate_session::Home::There { .. }) => return Err(unavailable()),
+            Err(e) => {
+                tracing::warn!(error = %e, "space home unknown");
+                return Err(unavailable());
+            }
+        }
+    }
 
     let display_name = params.display_name.unwrap_or_default();
     if display_name.encode_utf16().count() > MAX_DISPLAY_NAME
@@ -502,7 +560,7 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
         sfu_id: crate::media::SFU_ID.into(),
         sdp: spacegate_sfu::initial_offer(now),
     }];
-    Ok(Admitted {
+    Ok(Admission::Local(Admitted {
         membership,
         credential,
         space: claims.space_id,
@@ -516,7 +574,7 @@ async fn admit(state: &AppState, params: JoinParams, socket: &mut Ws) -> Result<
             sub_sfus,
         },
         outbox,
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ mod connection;
 mod limits;
 mod membership;
 mod outbox;
+mod relay;
 mod spaces;
 pub(crate) mod ws;
 
@@ -156,6 +157,8 @@ pub struct Gateway {
     join_rates: Mutex<limits::JoinRates>,
     /// Spaces a REST delete is removing: joins that reach the registry are refused.
     deleting: Mutex<std::collections::HashSet<SpaceId>>,
+    /// In a cluster: where each space lives (see `relay`). Unset on a single node.
+    homes: std::sync::OnceLock<Arc<dyn spacegate_session::SpaceHomes>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -198,6 +201,7 @@ impl Gateway {
             open_connections: Arc::default(),
             join_rates: Mutex::default(),
             deleting: Mutex::default(),
+            homes: std::sync::OnceLock::new(),
         });
         // Started only once the gateway exists: the thread stops when it can no longer
         // reach the gateway, and one started inside `Arc::new_cyclic` could run before the
@@ -221,6 +225,16 @@ impl Gateway {
 
     fn instant_at(&self, ms: u64) -> tokio::time::Instant {
         tokio::time::Instant::from_std(self.started + Duration::from_millis(ms))
+    }
+
+    /// Cluster mode: every space gets one home node; joins for a space homed elsewhere are
+    /// carried there. Set once, before the listener starts.
+    pub fn set_homes(&self, homes: Arc<dyn spacegate_session::SpaceHomes>) {
+        let _ = self.homes.set(homes);
+    }
+
+    pub(super) fn homes(&self) -> Option<&Arc<dyn spacegate_session::SpaceHomes>> {
+        self.homes.get()
     }
 
     pub fn connection_count(&self) -> usize {

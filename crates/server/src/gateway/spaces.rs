@@ -94,10 +94,26 @@ impl Gateway {
                     slot.retired
                         .store(true, std::sync::atomic::Ordering::Release);
                     spaces.remove(id);
+                    self.release_home(id);
                 }
             }
             return;
         }
+    }
+
+    /// The space emptied here: in a cluster its home claim goes, so the next join may home
+    /// it on whichever node suits then. A join racing with this claims it again.
+    fn release_home(&self, id: &SpaceId) {
+        let (Some(homes), Ok(rt)) = (self.homes(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (homes, id) = (homes.clone(), id.clone());
+        rt.spawn(async move {
+            if let Err(e) = homes.release_home(&id).await {
+                // The claim dies with this node's lease at the latest.
+                tracing::warn!(error = %e, "space home not released");
+            }
+        });
     }
 
     fn deliver(&self, space: &SpaceId, out: Vec<Output>) {
