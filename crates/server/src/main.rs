@@ -258,23 +258,61 @@ async fn open_registry(config: &Config) -> Result<OpenRegistry> {
     })
 }
 
-/// Renews this node's registry lease every third of it. If it lapsed anyway (Redis was
-/// unreachable for a whole lease), other nodes may already have admitted this node's
-/// participants elsewhere: every connection here is asked to reconnect and claim again.
+/// Renews this node's registry lease every third of it.
+///
+/// A node that cannot renew (Redis down, or this node cut off from it) keeps its clients
+/// for as long as its lease certainly lives, so a short Redis outage costs nobody their
+/// call. Past two thirds of the lease without a renewal another node may soon take its
+/// spaces over (their home claims die with the lease): it stops hosting, telling every
+/// client to reconnect (1012), so no space ever has two homes. If the lease lapsed anyway,
+/// the same.
 fn keep_node_lease(redis: Arc<RedisRegistry>, gateway: Arc<spacegate_server::gateway::Gateway>) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(redis.lease() / 3);
+        let lease = redis.lease();
+        let mut tick = tokio::time::interval(lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        // Measured from before the renewal was sent: Redis may have applied it later,
+        // never earlier.
+        let mut renewed_at = tokio::time::Instant::now();
+        let mut hosting = true;
         loop {
             tick.tick().await;
-            match redis.renew().await {
-                Ok(LeaseRenewal::Renewed) => {}
+            let sent = tokio::time::Instant::now();
+            // Bounded by the tick: a Redis that hangs must not hold up the decision below.
+            let renewed = tokio::time::timeout(lease / 3, redis.renew())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(spacegate_session::ReserveError::Backend(
+                        "lease renewal timed out".into(),
+                    ))
+                });
+            match renewed {
+                Ok(LeaseRenewal::Renewed) => {
+                    renewed_at = sent;
+                    hosting = true;
+                }
                 Ok(LeaseRenewal::Lapsed) => {
+                    renewed_at = sent;
+                    hosting = true;
                     tracing::warn!("node lease had lapsed; every connection is asked to reconnect");
                     gateway.reconnect_all();
                 }
-                Err(e) => tracing::warn!(error = %e, "node lease renewal failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "node lease renewal failed");
+                    if hosting && renewed_at.elapsed() >= lease * 2 / 3 {
+                        hosting = false;
+                        tracing::warn!(
+                            "node lease about to run out without Redis; every connection is asked to reconnect"
+                        );
+                        gateway.reconnect_all();
+                    }
+                }
+            }
+            if !hosting {
+                // Clients that got in meanwhile (none should: joins need the registry)
+                // are sent away too.
+                gateway.reconnect_all();
             }
         }
     });

@@ -1432,3 +1432,135 @@ fn media_reaches_a_participant_who_entered_through_another_node() {
         }
     });
 }
+
+/// A `redis-server` of the test's own on a free port (never the shared one: this test
+/// stops it), without persistence; killed when dropped.
+struct OwnRedis {
+    port: u16,
+    child: Child,
+}
+
+impl OwnRedis {
+    fn start() -> Option<OwnRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = match Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = format!("cannot run redis-server ({e})");
+                assert!(
+                    std::env::var("SPACEGATE_REQUIRE_ALL").as_deref() != Ok("1"),
+                    "{reason}, and SPACEGATE_REQUIRE_ALL=1"
+                );
+                eprintln!("SKIP: {reason}");
+                return None;
+            }
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(OwnRedis { port, child })
+    }
+
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(ok.success(), "kill {signal}");
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Redis stops answering (SIGSTOP: connections stay open, nothing comes back). The node
+/// stays alive (`/healthz`), reports itself degraded (`/readyz` 503), refuses new joins
+/// with "try again", and before its lease can run out sends its clients to reconnect
+/// (1012) so that no other node can host their space alongside it. When Redis answers
+/// again, joins work again without a restart.
+#[test]
+fn a_node_cut_off_from_redis_stops_hosting_before_its_lease_ends_and_recovers() {
+    let Some(db) = TempPostgres::new() else {
+        return;
+    };
+    let Some(redis) = OwnRedis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lease_ms: u64 = 1500;
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+        .args(["--redis-url", &format!("redis://127.0.0.1:{}", redis.port)])
+        .args(["--node-lease-ms", &lease_ms.to_string()]);
+    let a = start(cmd);
+    let token = a.token.clone().expect("bootstrap token");
+    let jwt = join_token(&a, dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let join = || {
+        let ws = a.url.replacen("http://", "ws://", 1);
+        rt.block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+    };
+    let mut session = join().expect("join");
+    assert_eq!(status(&a, &token, "/readyz"), 200);
+
+    redis.signal("-STOP");
+    let stopped = std::time::Instant::now();
+    let code = rt.block_on(session.closed()).expect("closed");
+    let after = stopped.elapsed();
+    assert_eq!(code, Some(1012), "told to reconnect");
+    assert!(
+        after < Duration::from_millis(lease_ms),
+        "still hosting {after:?} after Redis stopped answering (lease {lease_ms} ms)"
+    );
+    assert_eq!(status(&a, &token, "/healthz"), 200, "alive");
+    assert_eq!(status(&a, &token, "/readyz"), 503, "degraded");
+    match join() {
+        Err(spacegate_client::ClientError::Rejected { error, .. }) => {
+            assert_eq!(error.kind, 7, "the SDK's try-again: {}", error.message)
+        }
+        other => panic!("a join without Redis: {other:?}"),
+    }
+
+    redis.signal("-CONT");
+    let resumed = std::time::Instant::now();
+    let back = loop {
+        match join() {
+            Ok(s) => break s,
+            Err(_) => {
+                assert!(
+                    resumed.elapsed() < Duration::from_secs(15),
+                    "no join {:?} after Redis came back",
+                    resumed.elapsed()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(status(&a, &token, "/readyz"), 200, "ready again");
+    drop(back);
+}
