@@ -406,6 +406,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 // Port 0 for HTTP means "any free port"; media gets its own free one.
                 listen: media_listen,
                 public_ip: config.media_public_ip,
+                // In a cluster the offers name the node that carries the media.
+                sfu_id: if config.redis_url.is_some() {
+                    format!("sfu-{}", config.node_id)
+                } else {
+                    spacegate_server::media::SFU_ID.to_string()
+                },
                 ..MediaConfig::default()
             },
             max_connections: config

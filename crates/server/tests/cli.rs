@@ -1306,6 +1306,11 @@ fn participants_entering_through_different_nodes_share_one_space() {
         .map(|p| p.participant_id.as_str())
         .collect();
     assert_eq!(others, ["alice"], "bob's joined lists alice");
+    assert_eq!(
+        bob.joined().sub_sfus[0].sfu_id,
+        "sfu-a",
+        "bob's media plane is the home's"
+    );
     rt.block_on(async {
         loop {
             match alice.next().await.expect("alice hears").message {

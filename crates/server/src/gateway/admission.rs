@@ -557,7 +557,7 @@ async fn admit(
         }
     }
     let sub_sfus = vec![SfuDescription {
-        sfu_id: crate::media::SFU_ID.into(),
+        sfu_id: gw.config.media.sfu_id.clone(),
         sdp: spacegate_sfu::initial_offer(now),
     }];
     Ok(Admission::Local(Admitted {

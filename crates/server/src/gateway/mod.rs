@@ -313,6 +313,10 @@ impl Gateway {
 }
 
 impl MediaEvents for Gateway {
+    fn sfu_id(&self) -> &str {
+        &self.config.media.sfu_id
+    }
+
     fn media_event(&self, event: MediaEvent) {
         match event {
             MediaEvent::Frame { to, frame } => self.send_frame(&to, frame),

@@ -51,6 +51,9 @@ pub struct MediaConfig {
     /// Minimum time between keyframe requests to one publisher layer (see
     /// `spacegate_sfu::SfuConfig::keyframe_interval`).
     pub keyframe_interval: std::time::Duration,
+    /// The `sfu_id` of this node's media plane (default [`SFU_ID`]; the node id in a
+    /// cluster).
+    pub sfu_id: String,
 }
 
 impl Default for MediaConfig {
@@ -60,6 +63,7 @@ impl Default for MediaConfig {
             public_ip: None,
             keyframe_interval: spacegate_sfu::SfuConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .keyframe_interval,
+            sfu_id: SFU_ID.to_string(),
         }
     }
 }
@@ -125,6 +129,12 @@ pub enum MediaEvent {
 /// Where media events go: implemented by the gateway.
 pub trait MediaEvents: Send + Sync + 'static {
     fn media_event(&self, event: MediaEvent);
+
+    /// The `sfu_id` clients see in offers and must send back: the node's id in a cluster,
+    /// so a client's state says which node carries its media.
+    fn sfu_id(&self) -> &str {
+        SFU_ID
+    }
 }
 
 /// The gateway's side of the media thread.

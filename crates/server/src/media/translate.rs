@@ -13,7 +13,7 @@ use spacegate_proto::signaling::{
 use spacegate_proto::{ConnectionId, SpaceId};
 use spacegate_sfu::{Sfu, SfuEvent};
 
-use super::{Command, MediaEvent, MediaEvents, SFU_ID};
+use super::{Command, MediaEvent, MediaEvents};
 
 fn frame(m: ServerMessage) -> Arc<str> {
     Envelope::new(m).to_json().into()
@@ -49,7 +49,7 @@ pub(super) fn command(sfu: &mut Sfu, sink: &dyn MediaEvents, c: Command) {
         Command::Crash => panic!("media plane crash requested"),
         Command::Message { member, message } => {
             tracing::trace!(%member, kind = super::message_kind(&message), "media message");
-            if let Some(frame) = message_in(sfu, &member, message, now) {
+            if let Some(frame) = message_in(sfu, sink.sfu_id(), &member, message, now) {
                 tracing::trace!(%member, len = frame.len(), "media reply");
                 sink.media_event(MediaEvent::Frame { to: member, frame });
             }
@@ -60,6 +60,7 @@ pub(super) fn command(sfu: &mut Sfu, sink: &dyn MediaEvents, c: Command) {
 /// One media message from a client; returns the direct reply, if any.
 fn message_in(
     sfu: &mut Sfu,
+    sfu_id: &str,
     member: &ConnectionId,
     message: ClientMessage,
     now: Instant,
@@ -78,14 +79,14 @@ fn message_in(
             Ok(answer) => frame(ServerMessage::Answer(answer)),
             Err(e) => error(format!("offer refused: {e}")),
         }),
-        ClientMessage::SubAnswer(d) if d.sfu_id != SFU_ID => {
+        ClientMessage::SubAnswer(d) if d.sfu_id != sfu_id => {
             Some(error(format!("unknown sfu_id {:?}", d.sfu_id)))
         }
         ClientMessage::SubAnswer(d) => sfu
             .sub_answer(m, &d.sdp, now)
             .err()
             .map(|e| error(format!("sub_answer refused: {e}"))),
-        ClientMessage::Candidate(c) if c.sfu_id != SFU_ID => {
+        ClientMessage::Candidate(c) if c.sfu_id != sfu_id => {
             Some(error(format!("unknown sfu_id {:?}", c.sfu_id)))
         }
         // ICE-lite needs no client candidates; a malformed one still gets a clear error.
@@ -142,7 +143,7 @@ pub(super) fn event(sink: &dyn MediaEvents, e: SfuEvent) {
         SfuEvent::SubOffer { member, sdp, .. } => conn(&member).map(|to| MediaEvent::Frame {
             to,
             frame: frame(ServerMessage::SubOffer(SfuDescription {
-                sfu_id: SFU_ID.into(),
+                sfu_id: sink.sfu_id().into(),
                 sdp,
             })),
         }),
