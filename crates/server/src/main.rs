@@ -278,6 +278,7 @@ fn keep_node_lease(redis: Arc<RedisRegistry>, gateway: Arc<spacegate_server::gat
         let mut hosting = true;
         loop {
             tick.tick().await;
+            redis.set_load(u64::try_from(gateway.connection_count()).unwrap_or(u64::MAX));
             let sent = tokio::time::Instant::now();
             // Bounded by the tick: a Redis that hangs must not hold up the decision below.
             let renewed = tokio::time::timeout(lease / 3, redis.renew())

@@ -224,6 +224,9 @@ pub struct RedisRegistry {
     /// This node's internal URL, the value of its lease key: how other nodes reach the
     /// spaces it is home to. Empty until [`RedisRegistry::advertise`].
     advertised: Mutex<String>,
+    /// This node's load as last reported ([`RedisRegistry::set_load`]), published with
+    /// every renewal for the choice of new spaces' homes.
+    load: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedisRegistry {
@@ -353,6 +356,7 @@ impl RedisRegistry {
             conn,
             lease_prefix: format!("{prefix}node:"),
             advertised: Mutex::new(String::new()),
+            load: std::sync::atomic::AtomicU64::new(0),
             prefix,
             node_id: node_id.to_string(),
             lease,
@@ -409,6 +413,7 @@ impl RedisRegistry {
         )
         .await?;
         if renewed != Value::Nil {
+            self.publish_load(&owner).await?;
             return Ok(LeaseRenewal::Renewed);
         }
         let fresh = new_owner(&self.node_id)?;
@@ -459,7 +464,8 @@ impl RedisRegistry {
                 .arg(millis(self.lease))
                 .query_async::<()>(&mut conn),
         )
-        .await
+        .await?;
+        self.publish_load(owner).await
     }
 
     fn advertised(&self) -> String {
@@ -476,6 +482,30 @@ impl RedisRegistry {
         match self.renew().await? {
             LeaseRenewal::Renewed | LeaseRenewal::Lapsed => Ok(()),
         }
+    }
+
+    /// This node's load (its connected participants) for the choice of homes: new spaces
+    /// go to the live node with the least. Published with the next renewal.
+    pub fn set_load(&self, participants: u64) {
+        self.load
+            .store(participants, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn publish_load(&self, owner: &str) -> Result<(), ReserveError> {
+        let mut conn = self.conn.clone();
+        bounded(
+            "load",
+            redis::cmd("HSET")
+                .arg(self.load_key())
+                .arg(owner)
+                .arg(self.load.load(std::sync::atomic::Ordering::Relaxed))
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    fn load_key(&self) -> String {
+        format!("{}load", self.prefix)
     }
 
     fn home_key(&self, space: &SpaceId) -> String {
@@ -664,12 +694,13 @@ impl Registry for RedisRegistry {
     }
 }
 
-/// Claim a space's home. KEYS: home key, own lease key. ARGV: lease key prefix, own owner.
-/// Answers `{owner, url}`: a live home's owner and advertised URL, or this node's owner
-/// after it took the claim (the home was absent or its node dead).
+/// Claim a space's home. KEYS: home key, own lease key, load hash. ARGV: lease key prefix,
+/// own owner, own load. Answers `{owner, url}`: a live home's owner and advertised URL; or,
+/// when the home was absent or its node dead, the live node with the least load (this one
+/// on a tie), now holding the claim. Dead nodes' loads are dropped on the way.
 const HOME_CLAIM: &str = r#"
-local home, own_lease = KEYS[1], KEYS[2]
-local lease_prefix, owner = ARGV[1], ARGV[2]
+local home, own_lease, loads = KEYS[1], KEYS[2], KEYS[3]
+local lease_prefix, owner, own_load = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local current = redis.call('GET', home)
 if current and current ~= owner then
   local url = redis.call('GET', lease_prefix .. current)
@@ -680,8 +711,24 @@ end
 if redis.call('EXISTS', own_lease) == 0 then
   return {'', 'lapsed'}
 end
-redis.call('SET', home, owner)
-return {owner, ''}
+if current == owner then
+  return {owner, ''}
+end
+local best, best_load, best_url = owner, own_load, ''
+local all = redis.call('HGETALL', loads)
+for i = 1, #all, 2 do
+  local o, l = all[i], tonumber(all[i + 1]) or 0
+  if o ~= owner then
+    local url = redis.call('GET', lease_prefix .. o)
+    if not url then
+      redis.call('HDEL', loads, o)
+    elseif url ~= '' and l < best_load then
+      best, best_load, best_url = o, l, url
+    end
+  end
+end
+redis.call('SET', home, best)
+return {best, best_url}
 "#;
 
 /// Release a space's home if this node holds it. KEYS: home key. ARGV: own owner.
@@ -704,8 +751,10 @@ impl SpaceHomes for RedisRegistry {
                     .home_claim
                     .key(self.home_key(space))
                     .key(self.lease_key(&owner))
+                    .key(self.load_key())
                     .arg(&self.lease_prefix)
                     .arg(&*owner)
+                    .arg(self.load.load(std::sync::atomic::Ordering::Relaxed))
                     .invoke_async(&mut conn),
             )
             .await?;

@@ -513,3 +513,52 @@ async fn a_space_has_one_home_which_moves_only_when_its_node_dies() {
     }
     keeper_b.abort();
 }
+
+/// A space without a home goes to the live node with the least load, whichever node asks;
+/// a tie keeps it on the node that asks; a dead node's load does not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_spaces_are_homed_on_the_least_loaded_live_node() {
+    use spacegate_session::{Home, SpaceHomes};
+    if !shared_redis_is_up().await {
+        return;
+    }
+    let cluster = unique_cluster("load");
+    let _cleanup = Cleanup(cluster.clone());
+    let lease = Duration::from_millis(500);
+    let a = node(SHARED, &cluster, "a", lease).await;
+    let b = node(SHARED, &cluster, "b", lease).await;
+    a.advertise("ws://a.internal:1").await.expect("advertise a");
+    b.advertise("ws://b.internal:2").await.expect("advertise b");
+    let keeper_a = a.spawn_lease_keeper(Duration::MAX);
+    let keeper_b = b.spawn_lease_keeper(Duration::MAX);
+
+    // Equal loads: the asking node keeps it.
+    assert_eq!(
+        a.claim_home(&space("tie")).await.expect("claim"),
+        Home::Here
+    );
+
+    // a is busy: a's next new space goes to b, and b hosts it when asked itself.
+    a.set_load(50);
+    b.set_load(3);
+    a.renew().await.expect("renew a");
+    b.renew().await.expect("renew b");
+    let busy = space("busy");
+    assert_eq!(
+        a.claim_home(&busy).await.expect("claim"),
+        Home::There {
+            node: "b".into(),
+            url: "ws://b.internal:2".into()
+        }
+    );
+    assert_eq!(b.claim_home(&busy).await.expect("claim"), Home::Here);
+
+    // b dies: its low load no longer attracts spaces.
+    keeper_b.abort();
+    tokio::time::sleep(lease * 2).await;
+    assert_eq!(
+        a.claim_home(&space("after")).await.expect("claim"),
+        Home::Here
+    );
+    keeper_a.abort();
+}
