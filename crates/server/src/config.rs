@@ -14,6 +14,7 @@ pub const DEFAULT_ENVIRONMENT: &str = "default";
 pub const DEFAULT_MAX_PARTICIPANTS: u32 = 100;
 pub const DEFAULT_CLUSTER: &str = "spacegate";
 pub const DEFAULT_NODE_LEASE_MS: u64 = 6000;
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 5000;
 
 /// A node id for a node that was given none: the host name would repeat when a container
 /// restarts under the same name while its predecessor's lease is still alive, so a random
@@ -54,6 +55,7 @@ pub struct FileConfig {
     pub cluster: Option<String>,
     pub node_lease_ms: Option<u64>,
     pub internal_url: Option<String>,
+    pub drain_timeout_ms: Option<u64>,
 }
 
 /// Simulcast layers the SDK is told to send (`joined.simulcast`), lowest first.
@@ -180,6 +182,9 @@ pub struct Config {
     /// Where the other nodes of a cluster reach this one (`ws://host:port`) to carry joins
     /// for the spaces it is home to; default: the address it listens on.
     pub internal_url: Option<String>,
+    /// On SIGTERM, how long clients (told to reconnect) get to go before the process
+    /// exits.
+    pub drain_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +216,7 @@ pub struct Overrides {
     pub cluster: Option<String>,
     pub node_lease_ms: Option<u64>,
     pub internal_url: Option<String>,
+    pub drain_timeout_ms: Option<u64>,
 }
 
 impl Config {
@@ -253,6 +259,11 @@ impl Config {
             database_url: over.database_url.or(file.database_url),
             redis_url: over.redis_url.or(file.redis_url),
             internal_url: over.internal_url.or(file.internal_url),
+            drain_timeout: std::time::Duration::from_millis(
+                over.drain_timeout_ms
+                    .or(file.drain_timeout_ms)
+                    .unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
+            ),
             node_id: node_id.unwrap_or_else(generated_node_id),
             cluster,
             node_lease: std::time::Duration::from_millis(

@@ -151,7 +151,7 @@ pub async fn run_with_tls(
         "shutting down: draining WebSocket clients, finishing in-flight requests"
     );
     drop(listener);
-    gateway.drain(std::time::Duration::from_secs(5)).await;
+    gateway.drain(gateway.config.drain_timeout).await;
     let _ = stop.send(true);
     drop(stopped);
     stop.closed().await;

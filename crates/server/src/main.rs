@@ -125,6 +125,10 @@ struct ServeArgs {
     /// ws://HOST:PORT [default: ws:// + the address it listens on].
     #[arg(long, env = "SPACEGATE_INTERNAL_URL")]
     internal_url: Option<String>,
+    /// On SIGTERM, milliseconds clients (told to reconnect) get to go before the process
+    /// exits [default: 5000].
+    #[arg(long, env = "SPACEGATE_DRAIN_TIMEOUT_MS")]
+    drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -214,6 +218,7 @@ fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> Result<Config> {
         cluster: serve.and_then(|s| s.cluster.clone()),
         node_lease_ms: serve.and_then(|s| s.node_lease_ms),
         internal_url: serve.and_then(|s| s.internal_url.clone()),
+        drain_timeout_ms: serve.and_then(|s| s.drain_timeout_ms),
     };
     Config::resolve(file, over).map_err(|e| anyhow::anyhow!(e))
 }
@@ -266,7 +271,10 @@ async fn open_registry(config: &Config) -> Result<OpenRegistry> {
 /// spaces over (their home claims die with the lease): it stops hosting, telling every
 /// client to reconnect (1012), so no space ever has two homes. If the lease lapsed anyway,
 /// the same.
-fn keep_node_lease(redis: Arc<RedisRegistry>, gateway: Arc<spacegate_server::gateway::Gateway>) {
+fn keep_node_lease(
+    redis: Arc<RedisRegistry>,
+    gateway: Arc<spacegate_server::gateway::Gateway>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let lease = redis.lease();
         let mut tick = tokio::time::interval(lease / 3);
@@ -316,7 +324,7 @@ fn keep_node_lease(redis: Arc<RedisRegistry>, gateway: Arc<spacegate_server::gat
                 gateway.reconnect_all();
             }
         }
-    });
+    })
 }
 
 /// mimalloc instead of glibc's malloc: a join allocates and frees a few hundred small
@@ -421,10 +429,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
             join_rate_per_ip: config.join_rate_per_ip,
             join_burst_per_ip: config.join_burst_per_ip,
             trust_forwarded_for: config.trust_forwarded_for,
+            drain_timeout: config.drain_timeout,
             ..GatewayConfig::default()
         },
     )
     .with_context(|| format!("binding the media socket {media_listen}"))?;
+    let mut resign = None;
     if let Some(redis) = registry.redis {
         let internal = match &config.internal_url {
             Some(url) => url.clone(),
@@ -443,7 +453,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .await
             .context("advertising this node in the registry")?;
         state.gateway.set_homes(redis.clone());
-        keep_node_lease(redis, state.gateway.clone());
+        let keeper = keep_node_lease(redis.clone(), state.gateway.clone());
+        resign = Some((redis, keeper));
         if let Some(url) = &config.redis_url {
             spacegate_server::cluster::spawn_bus(url, &config.cluster, state.keys.clone())?;
         }
@@ -495,6 +506,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     ))
     .await
     .context("the server task panicked")??;
+    if let Some((redis, keeper)) = resign {
+        // No renewal after this: it would take a fresh lease for a node that is leaving
+        // and make it look like the emptiest node to send new spaces to.
+        keeper.abort();
+        // Whatever this node still holds is free for the others at once, not when its
+        // lease would have run out: the clients it sent away reconnect elsewhere now.
+        if let Err(e) = redis.resign().await {
+            tracing::warn!(error = %e, "could not give up the node lease; it runs out by itself");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -1569,3 +1569,113 @@ fn a_node_cut_off_from_redis_stops_hosting_before_its_lease_ends_and_recovers() 
     assert_eq!(status(&a, &token, "/readyz"), 200, "ready again");
     drop(back);
 }
+
+/// SIGTERM on a node of a cluster: everyone it serves is told to reconnect (1012), the
+/// participants it hosted and the clients it carried to another node alike; it exits
+/// within its drain deadline; and it gives its lease up, so they get back in through
+/// another node at once, long before the lease would have run out.
+#[test]
+fn a_draining_node_hands_its_spaces_over_at_once() {
+    let Some(Cluster {
+        db,
+        redis,
+        dir,
+        cluster,
+        token,
+    }) = Cluster::new("cli-drain-")
+    else {
+        return;
+    };
+    let node = |id: &str| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args([
+                "--redis-url",
+                &redis,
+                "--cluster",
+                &cluster,
+                "--node-id",
+                id,
+            ])
+            // A lease far longer than the test: getting back in must not wait for it.
+            .args(["--node-lease-ms", "60000", "--drain-timeout-ms", "3000"]);
+        start(cmd)
+    };
+    let (mut a, b) = (node("a"), node("b"));
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let sign = |space: &str, participant: &str| {
+        run_ok(spacegate(dir.path()).args([
+            "sign",
+            space,
+            "--participant-id",
+            participant,
+            "--key-id",
+            key["id"].as_str().expect("kid"),
+            "--private-key",
+            key["private_key"].as_str().expect("key"),
+        ]))
+    };
+    let here = create(&a, &token, "/video/v1/spaces")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let there = create(&a, &token, "/video/v1/spaces")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (alice, dave, carol, eve) = (
+        sign(&here, "alice"),
+        sign(&there, "dave"),
+        sign(&there, "carol"),
+        sign(&here, "eve"),
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let join = |n: &Running, jwt: &str| {
+        let ws = n.url.replacen("http://", "ws://", 1);
+        rt.block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+    };
+    // Alice is hosted on A; the other space lives on B, and Carol is carried there by A.
+    let mut on_a = join(&a, &alice).expect("alice via A");
+    let _dave = join(&b, &dave).expect("dave via B");
+    let mut carried = join(&a, &carol).expect("carol via A, carried to B");
+    // Eve's client hangs: it never answers the close; she must be let go all the same.
+    let hung = rt.block_on(async {
+        let url = spacegate_client::join_url(
+            &a.url.replacen("http://", "ws://", 1),
+            eve.trim(),
+            &spacegate_client::JoinOptions::default(),
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("eve via A");
+        ws
+    });
+    assert_eq!(carried.joined().participants.len(), 1, "carol sees dave");
+
+    let term = std::time::Instant::now();
+    let sent = Command::new("kill")
+        .args(["-TERM", &a.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    assert_eq!(rt.block_on(on_a.closed()).expect("alice"), Some(1012));
+    assert_eq!(rt.block_on(carried.closed()).expect("carol"), Some(1012));
+    let exited = a.child.wait().expect("A exits");
+    assert!(exited.success(), "A exits cleanly: {exited:?}");
+    assert!(
+        term.elapsed() < Duration::from_secs(10),
+        "A took {:?} to drain",
+        term.elapsed()
+    );
+    // Both get back in through B right away (the lease is a minute long).
+    let back = std::time::Instant::now();
+    let alice_again = join(&b, &alice).expect("alice via B right after the drain");
+    let carol_again = join(&b, &carol).expect("carol via B right after the drain");
+    let eve_again = join(&b, &eve).expect("eve via B right after the drain");
+    assert!(back.elapsed() < Duration::from_secs(5));
+    drop((alice_again, carol_again, eve_again, hung));
+}

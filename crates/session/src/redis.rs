@@ -484,6 +484,27 @@ impl RedisRegistry {
         }
     }
 
+    /// Gives up this node's lease at once (a clean shutdown): whatever it still holds
+    /// (participants, space homes) is free for the other nodes now, not when the lease
+    /// would have run out.
+    pub async fn resign(&self) -> Result<(), ReserveError> {
+        let owner = self.owner();
+        let mut conn = self.conn.clone();
+        bounded(
+            "resign",
+            redis::pipe()
+                .cmd("DEL")
+                .arg(self.lease_key(&owner))
+                .ignore()
+                .cmd("HDEL")
+                .arg(self.load_key())
+                .arg(&*owner)
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
     /// This node's load (its connected participants) for the choice of homes: new spaces
     /// go to the live node with the least. Published with the next renewal.
     pub fn set_load(&self, participants: u64) {

@@ -562,3 +562,34 @@ async fn new_spaces_are_homed_on_the_least_loaded_live_node() {
     );
     keeper_a.abort();
 }
+
+/// A node that resigns (a clean shutdown) frees everything it held at once: its
+/// participants and its space homes go to the next node that asks, without waiting for
+/// the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resigned_node_frees_its_participants_and_homes_at_once() {
+    use spacegate_session::{Home, SpaceHomes};
+    if !shared_redis_is_up().await {
+        return;
+    }
+    let cluster = unique_cluster("resign");
+    let _cleanup = Cleanup(cluster.clone());
+    let lease = Duration::from_secs(60);
+    let a = node(SHARED, &cluster, "a", lease).await;
+    let b = node(SHARED, &cluster, "b", lease).await;
+    a.advertise("ws://a.internal:1").await.expect("advertise");
+    let s = space("resigned");
+    fresh(a.as_ref(), &s, "alice", "c1")
+        .await
+        .expect("alice on a");
+    assert_eq!(a.claim_home(&s).await.expect("claim"), Home::Here);
+    assert!(matches!(
+        fresh(b.as_ref(), &s, "alice", "c2").await,
+        Err(ReserveError::AlreadyJoined)
+    ));
+    a.resign().await.expect("resign");
+    fresh(b.as_ref(), &s, "alice", "c2")
+        .await
+        .expect("alice is free at once");
+    assert_eq!(b.claim_home(&s).await.expect("claim"), Home::Here);
+}

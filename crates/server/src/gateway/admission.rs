@@ -166,9 +166,10 @@ pub(crate) async fn join(state: AppState, params: JoinParams, mut socket: Ws, st
                     // counts it against this node's connection limit meanwhile).
                     match super::relay::connect(&url).await {
                         Some(home) => {
+                            let gw = state.gateway.clone();
                             tokio::spawn(async move {
                                 let _permit = permit;
-                                super::relay::pump(socket, home).await;
+                                super::relay::pump(&gw, socket, home).await;
                             });
                             return;
                         }

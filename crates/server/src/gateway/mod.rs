@@ -97,6 +97,9 @@ pub struct GatewayConfig {
     /// Every REST request is answered within this, with a 503 if the store did not
     /// answer in time; `/readyz` waits at most this (and at most 2 s) for the store.
     pub request_timeout: Duration,
+    /// On shutdown (SIGTERM), how long clients told to reconnect (1012) get to go before
+    /// the process exits anyway.
+    pub drain_timeout: Duration,
     /// The wall clock of token checks and `created_at` (tests move it).
     pub clock: crate::clock::Clock,
 }
@@ -133,6 +136,7 @@ impl Default for GatewayConfig {
             admission_timeout: Duration::from_secs(10),
             head_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
             clock: crate::clock::Clock::default(),
         }
     }
@@ -149,6 +153,9 @@ pub struct Gateway {
     activity: Arc<activity::ActivityQueue>,
     /// Set once shutdown began: every connection, present or arriving, closes with 1012.
     draining: std::sync::atomic::AtomicBool,
+    /// Wakes what is not a joined connection but must end with the drain too: the
+    /// relays carrying clients to other nodes.
+    drained: tokio::sync::Notify,
     started: Instant,
     pub media: crate::media::MediaHandle,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -195,6 +202,7 @@ impl Gateway {
             conns: Mutex::new(HashMap::new()),
             activity,
             draining: false.into(),
+            drained: tokio::sync::Notify::new(),
             started: Instant::now(),
             media,
             metrics,
@@ -233,6 +241,17 @@ impl Gateway {
         let _ = self.homes.set(homes);
     }
 
+    /// Resolves once a drain has begun (at once if it has).
+    pub(super) async fn draining(&self) {
+        let notified = self.drained.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
+
     pub(super) fn homes(&self) -> Option<&Arc<dyn spacegate_session::SpaceHomes>> {
         self.homes.get()
     }
@@ -256,11 +275,20 @@ impl Gateway {
     pub async fn drain(&self, grace: Duration) {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.drained.notify_waiters();
         for c in lock(&self.conns).values() {
             c.close(CLOSE_RESTART);
         }
         let deadline = Instant::now() + grace;
-        while self.connection_count() > 0 && Instant::now() < deadline {
+        // Joined connections, and the relays carrying clients to other nodes (they hold a
+        // connection permit too).
+        while (self.connection_count() > 0
+            || self
+                .open_connections
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0)
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Their leaves made spaces idle: written before the process exits, so the store

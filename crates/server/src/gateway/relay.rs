@@ -85,13 +85,22 @@ pub(super) async fn connect(
 /// close code (4000 "do not reconnect", 1012 "reconnect", …), so the SDK acts on the home
 /// node's decision as if it were connected to it.
 pub(super) async fn pump(
+    gw: &super::Gateway,
     mut client: Ws,
     mut home: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
 ) {
+    let drained = gw.draining();
+    tokio::pin!(drained);
     loop {
         tokio::select! {
+            // This node shuts down: the client reconnects (through another node).
+            () = &mut drained => {
+                let _ = client.close(1012).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), home.close(None)).await;
+                return;
+            }
             m = client.recv() => match m {
                 Some(Ok(Message::Close(frame))) => {
                     let _ = home.send(Message::Close(frame)).await;
