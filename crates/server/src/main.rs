@@ -327,6 +327,51 @@ fn keep_node_lease(
     })
 }
 
+/// Every lease period, spaces the store says are active but that have no live home are
+/// ended: their home node died with participants in them (nobody is connected to a space
+/// that no node hosts). Each is ended only in the session it was seen in, so a space that
+/// a node re-homes meanwhile (which starts a new session) is left alone. Every node runs
+/// it; the compare-and-set makes that harmless.
+fn sweep_orphaned_spaces(
+    redis: Arc<RedisRegistry>,
+    store: Arc<dyn Store>,
+    every: std::time::Duration,
+) {
+    use spacegate_session::SpaceHomes as _;
+    const PAGE: u32 = 500;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every.max(std::time::Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut after = None;
+            loop {
+                let page = match store.active_spaces(after.as_ref(), PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "orphan sweep: store unavailable");
+                        break;
+                    }
+                };
+                let Some(last) = page.last() else { break };
+                after = Some(last.0.clone());
+                let ids: Vec<_> = page.iter().map(|(id, _)| id.clone()).collect();
+                let Ok(live) = redis.live_homes(&ids).await else {
+                    break;
+                };
+                for ((id, session), live) in page.iter().zip(live) {
+                    if !live && let Ok(true) = store.end_space_session(id, session.as_ref()).await {
+                        tracing::info!(space = %id, "space ended: its home node is gone");
+                    }
+                }
+                if page.len() < PAGE as usize {
+                    break;
+                }
+            }
+        }
+    });
+}
+
 /// mimalloc instead of glibc's malloc: a join allocates and frees a few hundred small
 /// objects across tasks, and glibc spent ~9 % of a join storm's CPU in `malloc`,
 /// `free` and `malloc_consolidate` (perf); its per-chunk headers also add to every idle
@@ -454,6 +499,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .context("advertising this node in the registry")?;
         state.gateway.set_homes(redis.clone());
         let keeper = keep_node_lease(redis.clone(), state.gateway.clone());
+        sweep_orphaned_spaces(redis.clone(), state.store.clone(), config.node_lease);
         resign = Some((redis, keeper));
         if let Some(url) = &config.redis_url {
             spacegate_server::cluster::spawn_bus(url, &config.cluster, state.keys.clone())?;

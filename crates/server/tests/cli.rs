@@ -1679,3 +1679,79 @@ fn a_draining_node_hands_its_spaces_over_at_once() {
     assert!(back.elapsed() < Duration::from_secs(5));
     drop((alice_again, carol_again, eve_again, hung));
 }
+
+/// A home node dies (kill -9) with its space active: the cluster ends the space in the
+/// store once the node's lease has run out (nobody can be connected to a space no node
+/// hosts), so it reads idle and can be deleted, with no join needed.
+#[test]
+fn a_space_whose_home_died_is_idle_again() {
+    let Some(Cluster {
+        db,
+        redis,
+        dir,
+        cluster,
+        token,
+    }) = Cluster::new("cli-orphan-")
+    else {
+        return;
+    };
+    let lease_ms: u64 = 1000;
+    let node = |id: &str| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args([
+                "--redis-url",
+                &redis,
+                "--cluster",
+                &cluster,
+                "--node-id",
+                id,
+            ])
+            .args(["--node-lease-ms", &lease_ms.to_string()]);
+        start(cmd)
+    };
+    let (mut a, b) = (node("a"), node("b"));
+    let space = create(&a, &token, "/video/v1/spaces");
+    let space_id = space["id"].as_str().expect("id").to_string();
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let jwt = run_ok(spacegate(dir.path()).args([
+        "sign",
+        &space_id,
+        "--key-id",
+        key["id"].as_str().expect("kid"),
+        "--private-key",
+        key["private_key"].as_str().expect("key"),
+    ]));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ws = a.url.replacen("http://", "ws://", 1);
+    let session = rt
+        .block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+        .expect("join via A");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while space_status(&b, &token, &space_id) != "active" {
+        assert!(std::time::Instant::now() < deadline, "never active");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.child.kill().expect("kill -9 A");
+    a.child.wait().expect("reap");
+    drop(session);
+    let died = std::time::Instant::now();
+    while space_status(&b, &token, &space_id) != "idle" {
+        assert!(
+            died.elapsed() < Duration::from_secs(15),
+            "still active {:?} after its home died",
+            died.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let res = http()
+        .delete(format!("{}/video/v1/spaces/{space_id}", b.url))
+        .basic_auth(&token.0, Some(&token.1))
+        .send()
+        .expect("send");
+    assert_eq!(res.status(), 204, "deletable once idle");
+}

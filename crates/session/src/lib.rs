@@ -156,8 +156,12 @@ fn millis(d: Duration) -> u64 {
 /// a time, its *home*.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Home {
-    /// This node (it holds the claim now, taken or found).
+    /// This node, which held the claim already.
     Here,
+    /// This node, which has just claimed it: the space had no live home (it was empty, or
+    /// its home node died). Whatever another node last wrote about the space (its status,
+    /// its session) is from a session that is over.
+    Claimed,
     /// Another live node, reached for relaying at `url` (its internal URL; empty while
     /// that node has not advertised one yet).
     There { node: String, url: String },
@@ -171,6 +175,10 @@ pub trait SpaceHomes: Send + Sync + std::fmt::Debug + 'static {
     /// The space's home, atomically claimed for this node if it has none (or its home
     /// node is dead).
     async fn claim_home(&self, space: &SpaceId) -> Result<Home, ReserveError>;
+
+    /// Which of `spaces` have a live home (in order): the others are hosted nowhere, so
+    /// nobody is connected to them, whatever a store says.
+    async fn live_homes(&self, spaces: &[SpaceId]) -> Result<Vec<bool>, ReserveError>;
 
     /// Gives up this node's claim on the space's home (its last participant left); a
     /// claim of another node is left alone. Whether there was one to give up.

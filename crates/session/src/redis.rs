@@ -198,6 +198,7 @@ struct Scripts {
     participants: Script,
     home_claim: Script,
     home_release: Script,
+    live_homes: Script,
 }
 
 /// The [`Registry`] on Redis for a cluster of gateway nodes, each with its own instance.
@@ -369,6 +370,7 @@ impl RedisRegistry {
                 participants: Script::new(PARTICIPANTS),
                 home_claim: Script::new(HOME_CLAIM),
                 home_release: Script::new(HOME_RELEASE),
+                live_homes: Script::new(LIVE_HOMES),
             },
         };
         registry.take_lease(&registry.owner()).await?;
@@ -722,7 +724,13 @@ impl Registry for RedisRegistry {
 const HOME_CLAIM: &str = r#"
 local home, own_lease, loads = KEYS[1], KEYS[2], KEYS[3]
 local lease_prefix, owner, own_load = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local current = redis.call('GET', home)
+-- A home assigned by another node and not taken up yet reads '{owner} new'.
+local value = redis.call('GET', home)
+local current, unused = nil, false
+if value then
+  current = string.match(value, '^(%S+) new$')
+  if current then unused = true else current = value end
+end
 if current and current ~= owner then
   local url = redis.call('GET', lease_prefix .. current)
   if url then
@@ -733,7 +741,11 @@ if redis.call('EXISTS', own_lease) == 0 then
   return {'', 'lapsed'}
 end
 if current == owner then
-  return {owner, ''}
+  if unused then
+    redis.call('SET', home, owner)
+    return {owner, 'claimed'}
+  end
+  return {owner, 'held'}
 end
 local best, best_load, best_url = owner, own_load, ''
 local all = redis.call('HGETALL', loads)
@@ -748,13 +760,34 @@ for i = 1, #all, 2 do
     end
   end
 end
-redis.call('SET', home, best)
+if best == owner then
+  redis.call('SET', home, owner)
+  return {owner, 'claimed'}
+end
+redis.call('SET', home, best .. ' new')
 return {best, best_url}
+"#;
+
+/// Which spaces have a live home. KEYS: home keys. ARGV: lease key prefix. Answers 1 or
+/// 0 per key.
+const LIVE_HOMES: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  local owner = value and (string.match(value, '^(%S+) new$') or value)
+  if owner and redis.call('EXISTS', ARGV[1] .. owner) == 1 then
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
 "#;
 
 /// Release a space's home if this node holds it. KEYS: home key. ARGV: own owner.
 const HOME_RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] or value == ARGV[1] .. ' new' then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -785,12 +818,30 @@ impl SpaceHomes for RedisRegistry {
                 continue;
             }
             if home == *owner {
-                return Ok(Home::Here);
+                return Ok(if url == "held" {
+                    Home::Here
+                } else {
+                    Home::Claimed
+                });
             }
             let node = home.split(':').next().unwrap_or_default().to_string();
             return Ok(Home::There { node, url });
         }
         Err(ReserveError::Backend("node lease keeps lapsing".into()))
+    }
+
+    async fn live_homes(&self, spaces: &[SpaceId]) -> Result<Vec<bool>, ReserveError> {
+        if spaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.scripts.live_homes.prepare_invoke();
+        for s in spaces {
+            invocation.key(self.home_key(s));
+        }
+        invocation.arg(&self.lease_prefix);
+        let mut conn = self.conn.clone();
+        let live: Vec<i64> = bounded("live homes", invocation.invoke_async(&mut conn)).await?;
+        Ok(live.into_iter().map(|l| l == 1).collect())
     }
 
     async fn release_home(&self, space: &SpaceId) -> Result<bool, ReserveError> {

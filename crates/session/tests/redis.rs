@@ -466,8 +466,8 @@ async fn a_space_has_one_home_which_moves_only_when_its_node_dies() {
     let (ha, hb) = tokio::join!(a.claim_home(&s), b.claim_home(&s));
     let (ha, hb) = (ha.expect("a asks"), hb.expect("b asks"));
     let (holder, other, other_home) = match (&ha, &hb) {
-        (Home::Here, there @ Home::There { .. }) => (&a, &b, there.clone()),
-        (there @ Home::There { .. }, Home::Here) => (&b, &a, there.clone()),
+        (Home::Claimed, there @ Home::There { .. }) => (&a, &b, there.clone()),
+        (there @ Home::There { .. }, Home::Claimed) => (&b, &a, there.clone()),
         _ => panic!("not exactly one home: {ha:?} {hb:?}"),
     };
     let holder_name = holder.node_id().to_string();
@@ -486,20 +486,34 @@ async fn a_space_has_one_home_which_moves_only_when_its_node_dies() {
         !other.release_home(&s).await.expect("release"),
         "not its claim"
     );
+    assert_eq!(
+        other
+            .live_homes(&[s.clone(), space("never-homed")])
+            .await
+            .expect("live homes"),
+        vec![true, false]
+    );
     assert_eq!(other.claim_home(&s).await.expect("still"), other_home);
 
     // Released by its holder, the home goes to whoever asks next.
     assert!(holder.release_home(&s).await.expect("release"));
-    assert_eq!(other.claim_home(&s).await.expect("claim"), Home::Here);
+    assert_eq!(other.claim_home(&s).await.expect("claim"), Home::Claimed);
     assert!(other.release_home(&s).await.expect("release"));
 
     // a holds it and dies: once its lease has run out, b takes the space over.
-    assert_eq!(a.claim_home(&s).await.expect("a claims"), Home::Here);
+    assert_eq!(a.claim_home(&s).await.expect("a claims"), Home::Claimed);
     keeper_a.abort();
+    tokio::time::sleep(lease * 2).await;
+    assert_eq!(
+        b.live_homes(std::slice::from_ref(&s)).await.expect("live"),
+        vec![false],
+        "a dead node's home is no home"
+    );
     let started = Instant::now();
     loop {
         match b.claim_home(&s).await.expect("b asks") {
-            Home::Here => break,
+            Home::Claimed => break,
+            Home::Here => panic!("b never held it"),
             Home::There { node, .. } => {
                 assert_eq!(node, "a");
                 assert!(
@@ -535,7 +549,7 @@ async fn new_spaces_are_homed_on_the_least_loaded_live_node() {
     // Equal loads: the asking node keeps it.
     assert_eq!(
         a.claim_home(&space("tie")).await.expect("claim"),
-        Home::Here
+        Home::Claimed
     );
 
     // a is busy: a's next new space goes to b, and b hosts it when asked itself.
@@ -551,6 +565,8 @@ async fn new_spaces_are_homed_on_the_least_loaded_live_node() {
             url: "ws://b.internal:2".into()
         }
     );
+    // Assigned by a, taken up by b: a fresh claim for b, then held.
+    assert_eq!(b.claim_home(&busy).await.expect("claim"), Home::Claimed);
     assert_eq!(b.claim_home(&busy).await.expect("claim"), Home::Here);
 
     // b dies: its low load no longer attracts spaces.
@@ -558,7 +574,7 @@ async fn new_spaces_are_homed_on_the_least_loaded_live_node() {
     tokio::time::sleep(lease * 2).await;
     assert_eq!(
         a.claim_home(&space("after")).await.expect("claim"),
-        Home::Here
+        Home::Claimed
     );
     keeper_a.abort();
 }
@@ -582,7 +598,7 @@ async fn a_resigned_node_frees_its_participants_and_homes_at_once() {
     fresh(a.as_ref(), &s, "alice", "c1")
         .await
         .expect("alice on a");
-    assert_eq!(a.claim_home(&s).await.expect("claim"), Home::Here);
+    assert_eq!(a.claim_home(&s).await.expect("claim"), Home::Claimed);
     assert!(matches!(
         fresh(b.as_ref(), &s, "alice", "c2").await,
         Err(ReserveError::AlreadyJoined)
@@ -591,5 +607,5 @@ async fn a_resigned_node_frees_its_participants_and_homes_at_once() {
     fresh(b.as_ref(), &s, "alice", "c2")
         .await
         .expect("alice is free at once");
-    assert_eq!(b.claim_home(&s).await.expect("claim"), Home::Here);
+    assert_eq!(b.claim_home(&s).await.expect("claim"), Home::Claimed);
 }

@@ -26,6 +26,7 @@ pub async fn run_all(store: &dyn Store, prefix: &str) {
     spaces(store, prefix).await;
     space_activity(store, prefix).await;
     space_activity_batches(store, prefix).await;
+    sweeping_active_spaces(store, prefix).await;
     all_spaces_idle(store, prefix).await;
 }
 
@@ -436,4 +437,114 @@ pub async fn space_activity_batches(store: &dyn Store, prefix: &str) {
         .record_space_activity(&[])
         .await
         .expect("an empty batch is fine");
+}
+
+/// A cluster's sweep: active spaces are listed in pages with their sessions, and a space is
+/// ended only in the session the sweep saw, never in a newer one.
+pub async fn sweeping_active_spaces(store: &dyn Store, prefix: &str) {
+    let a = env(store, prefix, "sweep").await;
+    let names = ["sweep-1", "sweep-2", "sweep-3"];
+    let spaces: Vec<SpaceRecord> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| space(prefix, n, &a.id, i as i64))
+        .collect();
+    for s in &spaces {
+        store.insert_space(s).await.expect("insert");
+    }
+    let (s1, s2): (SessionId, SessionId) = (id(prefix, "sweep-s1"), id(prefix, "sweep-s2"));
+    assert!(
+        store
+            .mark_space_active(&spaces[0].id, &s1)
+            .await
+            .expect("activate")
+    );
+    assert!(
+        store
+            .mark_space_active(&spaces[2].id, &s2)
+            .await
+            .expect("activate")
+    );
+
+    // Paged by id; only these spaces are ours (others may be active in a shared store).
+    let mut ours = Vec::new();
+    let mut after: Option<SpaceId> = None;
+    loop {
+        let page = store
+            .active_spaces(after.as_ref(), 1)
+            .await
+            .expect("active spaces");
+        assert!(page.len() <= 1, "the limit holds");
+        let Some(last) = page.last() else { break };
+        after = Some(last.0.clone());
+        ours.extend(
+            page.into_iter()
+                .filter(|(id, _)| spaces.iter().any(|s| &s.id == id)),
+        );
+    }
+    assert_eq!(
+        ours,
+        vec![
+            (spaces[0].id.clone(), Some(s1.clone())),
+            (spaces[2].id.clone(), Some(s2.clone()))
+        ],
+        "active ones only, in id order, with their sessions"
+    );
+
+    // Another session's end changes nothing; the seen one ends it, once.
+    assert!(
+        !store
+            .end_space_session(&spaces[0].id, Some(&s2))
+            .await
+            .expect("cas")
+    );
+    assert!(
+        !store
+            .end_space_session(&spaces[0].id, None)
+            .await
+            .expect("cas")
+    );
+    assert_eq!(
+        store
+            .space(&a.id, &spaces[0].id)
+            .await
+            .expect("get")
+            .expect("there")
+            .status,
+        SpaceStatus::Active
+    );
+    assert!(
+        store
+            .end_space_session(&spaces[0].id, Some(&s1))
+            .await
+            .expect("cas")
+    );
+    assert!(
+        !store
+            .end_space_session(&spaces[0].id, Some(&s1))
+            .await
+            .expect("again")
+    );
+    let ended = store
+        .space(&a.id, &spaces[0].id)
+        .await
+        .expect("get")
+        .expect("there");
+    assert_eq!(
+        (ended.status, ended.active_session_id),
+        (SpaceStatus::Idle, None)
+    );
+    // An idle space has no session to end.
+    assert!(
+        !store
+            .end_space_session(&spaces[1].id, None)
+            .await
+            .expect("idle")
+    );
+    assert!(
+        store
+            .end_space_session(&spaces[2].id, Some(&s2))
+            .await
+            .expect("cas")
+    );
 }

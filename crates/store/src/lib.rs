@@ -102,6 +102,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// after a crash (`kill -9`, power loss) nobody is connected, whatever the store says.
     async fn mark_all_spaces_idle(&self) -> Result<u64>;
 
+    /// Active spaces with their session, in id order after `after`, at most `limit`: for
+    /// a cluster's sweep of spaces whose home node died.
+    async fn active_spaces(
+        &self,
+        after: Option<&SpaceId>,
+        limit: u32,
+    ) -> Result<Vec<(SpaceId, Option<SessionId>)>>;
+
+    /// active → idle only if the space is still in `session` (a compare-and-set): a sweep
+    /// that saw a space active in an old session never ends a newer one. `false` if the
+    /// space is missing, idle, or in another session.
+    async fn end_space_session(&self, id: &SpaceId, session: Option<&SessionId>) -> Result<bool>;
+
     /// Many transitions at once, each exactly as `mark_space_active` (`Some(session)`) or
     /// `mark_space_idle` (`None`) would apply it, in order. A backend with transactions
     /// applies them in one, so a burst of joins and leaves costs one durable commit, not

@@ -480,6 +480,40 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn active_spaces(
+        &self,
+        after: Option<&SpaceId>,
+        limit: u32,
+    ) -> Result<Vec<(SpaceId, Option<SessionId>)>> {
+        let rows = sqlx::query("SELECT id, active_session_id FROM spaces WHERE status = 'active' AND id > ? ORDER BY id LIMIT ?")
+            .bind(after.map_or("", |a| a.as_str()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    SpaceId::new(row.text("id")?).map_err(corrupt("space id"))?,
+                    row.opt_text("active_session_id")?
+                        .map(SessionId::new)
+                        .transpose()
+                        .map_err(corrupt("session id"))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn end_space_session(&self, id: &SpaceId, session: Option<&SessionId>) -> Result<bool> {
+        let done = sqlx::query("UPDATE spaces SET status = 'idle', active_session_id = NULL WHERE id = ? AND status = 'active' AND active_session_id IS ?")
+            .bind(id.as_str())
+            .bind(session.map(|s| s.as_str()))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn mark_all_spaces_idle(&self) -> Result<u64> {
         let done = sqlx::query(MARK_ALL_IDLE)
             .execute(&self.pool)

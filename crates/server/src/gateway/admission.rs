@@ -329,6 +329,14 @@ async fn admit(
     if let Some(homes) = gw.homes() {
         match homes.claim_home(&claims.space_id).await {
             Ok(spacegate_session::Home::Here) => {}
+            // A fresh home: what the store says of the space is from a session that is
+            // over (its last home may have died with the space active). Ended first, so
+            // this join's activation starts a session of its own; the status writer
+            // applies the two in order.
+            Ok(spacegate_session::Home::Claimed) => {
+                gw.activity
+                    .push(&claims.space_id, super::activity::Activity::Idle);
+            }
             Ok(spacegate_session::Home::There { url, .. })
                 if params.relayed.is_none() && !url.is_empty() =>
             {
