@@ -1755,3 +1755,128 @@ fn a_space_whose_home_died_is_idle_again() {
         .expect("send");
     assert_eq!(res.status(), 204, "deletable once idle");
 }
+
+/// A TCP forwarder to the test PostgreSQL that can be cut (every connection dropped, new
+/// ones refused) and restored: PostgreSQL "going away" without stopping the shared server.
+struct CuttableProxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CuttableProxy {
+    fn to(upstream: std::net::SocketAddr) -> CuttableProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
+        let (c, o) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let pipes = [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ];
+                if let Ok(mut held) = o.lock() {
+                    held.extend(client.try_clone().ok());
+                    held.extend(server.try_clone().ok());
+                }
+                for pipe in pipes {
+                    if let (Ok(mut from), Ok(mut to)) = pipe {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        CuttableProxy { port, cut, open }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut held) = self.open.lock() {
+            for s in held.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// PostgreSQL goes away under a running node: REST answers a retryable 503 (with
+/// `x-should-retry: true`) within seconds, joins whose key and space are cached keep
+/// working, and everything recovers when it is back, without a restart.
+#[test]
+fn a_node_rides_out_a_postgresql_outage() {
+    let Some(db) = TempPostgres::new() else {
+        return;
+    };
+    let upstream: std::net::SocketAddr = "127.0.0.1:5432".parse().expect("addr");
+    let proxy = CuttableProxy::to(upstream);
+    let name = db.url.rsplit('/').next().expect("db name").to_string();
+    let via_proxy = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = spacegate(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0", "--database-url", &via_proxy]);
+    let a = start(cmd);
+    let token = a.token.clone().expect("bootstrap token");
+    let jwt = join_token(&a, dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let join = || {
+        let ws = a.url.replacen("http://", "ws://", 1);
+        rt.block_on(spacegate_client::Session::join(
+            &ws,
+            jwt.trim(),
+            &spacegate_client::JoinOptions::default(),
+        ))
+    };
+    drop(join().expect("a first join caches the key and the space"));
+
+    proxy.cut();
+    let asked = std::time::Instant::now();
+    let res = http()
+        .get(format!("{}/video/v1/spaces", a.url))
+        .basic_auth(&token.0, Some(&token.1))
+        .send()
+        .expect("send");
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        res.headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    let during = join().expect("a join with a cached key during the outage");
+    assert_eq!(status(&a, &token, "/healthz"), 200);
+    drop(during);
+
+    proxy.restore();
+    let back = std::time::Instant::now();
+    while status(&a, &token, "/video/v1/spaces") != 200 {
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "REST not back {:?} after PostgreSQL",
+            back.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

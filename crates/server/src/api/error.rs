@@ -110,7 +110,10 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         // mux-node 8 retries 408/409/429/5xx unless told not to. Only a failing store is
         // worth retrying; every other error will fail the same way again.
-        if !matches!(self, ApiError::Internal(_) | ApiError::Unavailable(_)) {
+        if matches!(self, ApiError::Unavailable(_)) {
+            // Said outright, for clients that only retry when told to.
+            headers.insert("x-should-retry", HeaderValue::from_static("true"));
+        } else if !matches!(self, ApiError::Internal(_)) {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         if matches!(self, ApiError::Unauthorized) {
