@@ -1880,3 +1880,83 @@ fn a_node_rides_out_a_postgresql_outage() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The SDK reconnects with the token it joined with, which may have expired since. When
+/// the participant's home node crashed (no departure was written), the reconnect lands
+/// on another node, and is recognised there: the participant's entry under the dead node
+/// stands for its departure.
+#[test]
+fn a_reconnect_on_an_expired_token_after_its_home_crashed_is_let_back_in() {
+    let Some(Cluster {
+        db,
+        redis,
+        dir,
+        cluster,
+        token,
+    }) = Cluster::new("cli-grace-")
+    else {
+        return;
+    };
+    let lease_ms: u64 = 1000;
+    let node = |id: &str| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args([
+                "--redis-url",
+                &redis,
+                "--cluster",
+                &cluster,
+                "--node-id",
+                id,
+            ])
+            .args(["--node-lease-ms", &lease_ms.to_string()]);
+        start(cmd)
+    };
+    let (mut a, b) = (node("a"), node("b"));
+    let space = create(&a, &token, "/video/v1/spaces");
+    let key = create(&a, &token, "/system/v1/signing-keys");
+    let private =
+        spacegate_auth::PrivateKey::parse(key["private_key"].as_str().expect("key")).expect("key");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let sign = |expires_at: u64| {
+        spacegate_auth::sign(
+            &private,
+            &spacegate_auth::SignOptions {
+                key_id: key["id"].as_str().expect("kid").parse().expect("kid"),
+                space_id: space["id"].as_str().expect("id").parse().expect("id"),
+                expires_at,
+                role: spacegate_proto::Role::Publisher,
+                participant_id: Some("alice".parse().expect("id")),
+            },
+        )
+        .expect("sign")
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let join = |n: &Running, jwt: &str, reconnect: bool| {
+        let ws = n.url.replacen("http://", "ws://", 1);
+        let options = spacegate_client::JoinOptions {
+            reconnect_id: reconnect.then(|| "alice".to_string()),
+            ..spacegate_client::JoinOptions::default()
+        };
+        rt.block_on(spacegate_client::Session::join(&ws, jwt, &options))
+    };
+    let session = join(&a, &sign(now + 3600), false).expect("alice via A");
+    // The token she will come back with expired a minute ago: past the verifier's leeway,
+    // within the reconnect grace.
+    let expired = sign(now - 60);
+    a.child.kill().expect("kill -9 A");
+    a.child.wait().expect("reap");
+    drop(session);
+    std::thread::sleep(Duration::from_millis(lease_ms * 2));
+    match join(&b, &expired, false) {
+        Err(spacegate_client::ClientError::Rejected { error, .. }) => {
+            assert!(error.message.contains("expired"), "{}", error.message)
+        }
+        other => panic!("an expired token is no way in by itself: {other:?}"),
+    }
+    let back = join(&b, &expired, true).expect("alice's reconnect through B");
+    assert_eq!(back.joined().participant_id, "alice");
+}

@@ -199,6 +199,7 @@ struct Scripts {
     home_claim: Script,
     home_release: Script,
     live_homes: Script,
+    departed: Script,
 }
 
 /// The [`Registry`] on Redis for a cluster of gateway nodes, each with its own instance.
@@ -371,6 +372,7 @@ impl RedisRegistry {
                 home_claim: Script::new(HOME_CLAIM),
                 home_release: Script::new(HOME_RELEASE),
                 live_homes: Script::new(LIVE_HOMES),
+                departed: Script::new(DEPARTED),
             },
         };
         registry.take_lease(&registry.owner()).await?;
@@ -700,22 +702,40 @@ impl Registry for RedisRegistry {
         _now_ms: u64,
     ) -> Result<bool, ReserveError> {
         let mut conn = self.conn.clone();
-        let recorded: Option<String> = bounded(
+        let found: i64 = bounded(
             "departed",
-            redis::cmd("GET")
-                .arg(self.departure_key(space, participant))
-                .query_async(&mut conn),
+            self.scripts
+                .departed
+                .key(self.departure_key(space, participant))
+                .key(self.members_key(space))
+                .arg(participant.as_str())
+                .arg(digest(credential))
+                .arg(&self.lease_prefix)
+                .invoke_async(&mut conn),
         )
         .await?;
-        Ok(recorded.is_some_and(|d| {
-            aws_lc_rs::constant_time::verify_slices_are_equal(
-                d.as_bytes(),
-                digest(credential).as_bytes(),
-            )
-            .is_ok()
-        }))
+        Ok(found == 1)
     }
 }
+
+/// Whether a participant left recently with this credential. KEYS: departure key, space
+/// hash. ARGV: participant, credential digest, lease key prefix. 1 if the departure record
+/// holds the digest, or if the participant's entry is still there under a dead node (it
+/// crashed: nobody wrote a departure, yet the participant left with it). The token's own
+/// expiry grace bounds how old such a departure can be.
+const DEPARTED: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  return 1
+end
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if entry then
+  local _, o, d = string.match(entry, '^(%S+) (%S+) (%S+)$')
+  if o and d == ARGV[2] and redis.call('EXISTS', ARGV[3] .. o) == 0 then
+    return 1
+  end
+end
+return 0
+"#;
 
 /// Claim a space's home. KEYS: home key, own lease key, load hash. ARGV: lease key prefix,
 /// own owner, own load. Answers `{owner, url}`: a live home's owner and advertised URL; or,
