@@ -1335,6 +1335,18 @@ fn participants_entering_through_different_nodes_share_one_space() {
                 _ => continue,
             }
         }
+        bob.set_display_name("Bob of B", "name-1")
+            .await
+            .expect("bob renames himself");
+        loop {
+            match alice.next().await.expect("alice hears").message {
+                ServerMessage::ParticipantUpdate(u) => {
+                    assert_eq!(u.display_name, "Bob of B");
+                    break;
+                }
+                _ => continue,
+            }
+        }
     });
 
     // The home dies: Bob's carried connection is told to reconnect.
