@@ -1972,3 +1972,140 @@ fn a_reconnect_on_an_expired_token_after_its_home_crashed_is_let_back_in() {
     let back = join(&b, &expired, true).expect("alice's reconnect through B");
     assert_eq!(back.joined().participant_id, "alice");
 }
+
+/// Three nodes: a thousand joins of one participant, spread over all of them at once,
+/// admit exactly one; and when a node dies, a space homed on another node does not
+/// notice.
+#[test]
+fn three_nodes_admit_one_of_a_thousand_and_survive_one_of_them() {
+    let Some(Cluster {
+        db,
+        redis,
+        dir,
+        cluster,
+        token,
+    }) = Cluster::new("cli-three-")
+    else {
+        return;
+    };
+    let lease_ms: u64 = 1000;
+    let node = |id: &str| {
+        let mut cmd = spacegate(dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args([
+                "--redis-url",
+                &redis,
+                "--cluster",
+                &cluster,
+                "--node-id",
+                id,
+            ])
+            .args([
+                "--node-lease-ms",
+                &lease_ms.to_string(),
+                "--join-rate-per-ip",
+                "0",
+            ]);
+        start(cmd)
+    };
+    let nodes = [node("a"), node("b"), node("c")];
+    let key = create(&nodes[0], &token, "/system/v1/signing-keys");
+    let sign = |space: &str, participant: &str| {
+        run_ok(spacegate(dir.path()).args([
+            "sign",
+            space,
+            "--participant-id",
+            participant,
+            "--key-id",
+            key["id"].as_str().expect("kid"),
+            "--private-key",
+            key["private_key"].as_str().expect("key"),
+        ]))
+        .trim()
+        .to_string()
+    };
+    let raced = create(&nodes[0], &token, "/video/v1/spaces")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let calm = create(&nodes[0], &token, "/video/v1/spaces")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let racer = sign(&raced, "racer");
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| n.url.replacen("http://", "ws://", 1))
+        .collect();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (winners, mut kept) = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..1000 {
+            let (url, jwt) = (urls[i % 3].clone(), racer.clone());
+            tasks.push(tokio::spawn(async move {
+                spacegate_client::Session::join(
+                    &url,
+                    &jwt,
+                    &spacegate_client::JoinOptions {
+                        timeout: Duration::from_secs(30),
+                        ..spacegate_client::JoinOptions::default()
+                    },
+                )
+                .await
+                .ok()
+            }));
+        }
+        let mut won = Vec::new();
+        for t in tasks {
+            if let Some(s) = t.await.expect("task") {
+                won.push(s);
+            }
+        }
+        (won.len(), won)
+    });
+    assert_eq!(winners, 1, "exactly one of 1000 racing joins gets in");
+    drop(kept.pop());
+
+    // Another space, homed wherever the cluster chooses (the least loaded node).
+    let mut steady = rt
+        .block_on(spacegate_client::Session::join(
+            &urls[2],
+            &sign(&calm, "steady"),
+            &spacegate_client::JoinOptions::default(),
+        ))
+        .expect("steady via c");
+    let mut watcher = rt
+        .block_on(spacegate_client::Session::join(
+            &urls[1],
+            &sign(&calm, "watcher"),
+            &spacegate_client::JoinOptions::default(),
+        ))
+        .expect("watcher via b");
+    // A node that is neither that space's home nor the watcher's way in dies; the space
+    // goes on: a custom event still gets from one to the other.
+    let home = steady.joined().sub_sfus[0].sfu_id.clone();
+    let victim = if home == "sfu-a" { 2 } else { 0 };
+    let mut nodes = nodes;
+    nodes[victim].child.kill().expect("kill -9");
+    nodes[victim].child.wait().expect("reap");
+    rt.block_on(async {
+        let sent = steady
+            .publish_custom_event("still-here", "{}")
+            .await
+            .expect("steady still connected");
+        loop {
+            match watcher
+                .next()
+                .await
+                .expect("watcher still connected")
+                .message
+            {
+                spacegate_proto::signaling::ServerMessage::CustomEvent(e) => {
+                    assert_eq!(e.sequence_num, sent.sequence_num);
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    });
+}
