@@ -1463,6 +1463,18 @@ impl OwnRedis {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Self::on(port)
+    }
+
+    /// Stopped for good, and a new, empty one started on the same port (nothing is
+    /// persisted: every lease and claim is gone).
+    fn restart(self) -> OwnRedis {
+        let port = self.port;
+        drop(self);
+        Self::on(port).expect("redis-server ran before")
+    }
+
+    fn on(port: u16) -> Option<OwnRedis> {
         let child = match Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -1579,7 +1591,28 @@ fn a_node_cut_off_from_redis_stops_hosting_before_its_lease_ends_and_recovers() 
         }
     };
     assert_eq!(status(&a, &token, "/readyz"), 200, "ready again");
-    drop(back);
+
+    // Redis restarts empty: the node's lease and claims are gone with it, so its clients
+    // are sent to claim again, and joins work once it is back.
+    let mut back = back;
+    let redis = redis.restart();
+    let code = rt.block_on(back.closed()).expect("closed");
+    assert_eq!(code, Some(1012), "told to claim again");
+    let restarted = std::time::Instant::now();
+    let again = loop {
+        match join() {
+            Ok(s) => break s,
+            Err(_) => {
+                assert!(
+                    restarted.elapsed() < Duration::from_secs(15),
+                    "no join {:?} after Redis restarted",
+                    restarted.elapsed()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    drop((again, redis));
 }
 
 /// SIGTERM on a node of a cluster: everyone it serves is told to reconnect (1012), the
