@@ -2142,3 +2142,75 @@ fn three_nodes_admit_one_of_a_thousand_and_survive_one_of_them() {
         }
     });
 }
+
+/// The deploy files (compose, Kubernetes, Dockerfile) use only flags and `SPACEGATE_*`
+/// settings that `spacegate serve` has: a renamed flag breaks this test, not a deployment.
+#[test]
+fn deploy_files_use_only_flags_and_settings_that_exist() {
+    let help = run_ok(Command::new(BIN).args(["serve", "--help"]));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut checked = 0;
+    for file in [
+        "deploy/compose.yaml",
+        "deploy/k8s/spacegate.yaml",
+        "deploy/k8s/backing.yaml",
+        "deploy/Dockerfile",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).expect("deploy file");
+        let mut words = Vec::new();
+        // Inside a `serve` command: a JSON-style array (until `]`) or a YAML list (while
+        // lines are list items). Other programs' flags (redis-server's) are not ours.
+        let mut serve: Option<bool> = None;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('#') {
+                continue;
+            }
+            if line.contains("\"serve\"") {
+                serve = Some(true);
+            } else if line == "- serve" {
+                serve = Some(false);
+            } else if serve == Some(false) && !line.starts_with("- ") {
+                serve = None;
+            }
+            if serve.is_some() {
+                for part in line.split('"').skip(1).step_by(2) {
+                    if part.starts_with("--") {
+                        words.push(part.to_string());
+                    }
+                }
+                if let Some(flag) = line.strip_prefix("- --") {
+                    words.push(format!("--{flag}"));
+                }
+            }
+            if serve == Some(true) && line.contains(']') {
+                serve = None;
+            }
+            // Settings given as environment variables.
+            for (i, _) in line.match_indices("SPACEGATE_") {
+                let name: String = line[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                    .collect();
+                words.push(name);
+            }
+        }
+        for w in words {
+            let known = if w.starts_with("--") {
+                help.split(|c: char| c.is_whitespace() || c == ',' || c == '[')
+                    .any(|h| h == w)
+            } else {
+                help.contains(&format!("env: {w}"))
+            };
+            assert!(
+                known,
+                "{file} uses {w}, which `spacegate serve` does not have"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 20,
+        "only {checked} flags and settings found: the parser is off"
+    );
+}
