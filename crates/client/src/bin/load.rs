@@ -48,6 +48,16 @@ enum Command {
         /// Total joins.
         #[arg(long, default_value_t = 5000)]
         joins: usize,
+        /// Base URLs the joins enter through, round robin, instead of --url (which still
+        /// makes the spaces and keys): the nodes of a cluster, as a load balancer would
+        /// spread clients over them.
+        #[arg(long, value_delimiter = ',')]
+        via: Vec<String>,
+        /// Before the churn, one participant per space joins through --url and stays, so
+        /// every space is hosted there (in a cluster, --url's node is their home): churn
+        /// through --via other nodes then measures carried joins.
+        #[arg(long)]
+        hold_per_space: bool,
     },
     /// Open idle joined connections and keep them (answering pings) for a while.
     Hold {
@@ -388,7 +398,9 @@ async fn main() -> Result<()> {
             common,
             concurrency,
             joins,
-        } => run_join(&common, concurrency, joins).await,
+            via,
+            hold_per_space,
+        } => run_join(&common, concurrency, joins, &via, hold_per_space).await,
         Command::Hold {
             common,
             connections,
@@ -447,13 +459,24 @@ impl Round {
 /// `joins` joins, `concurrency` in flight; each leaves at once (close without waiting),
 /// as a churning client would.
 async fn churn(ws_base: &str, tokens: &TokenSlice, concurrency: usize, joins: usize) -> Round {
+    churn_over(&[ws_base.to_string()], tokens, concurrency, joins).await
+}
+
+/// [`churn`] with join `i` entering through `ws_bases[i % n]`.
+async fn churn_over(
+    ws_bases: &[String],
+    tokens: &TokenSlice,
+    concurrency: usize,
+    joins: usize,
+) -> Round {
     let next = Arc::new(AtomicUsize::new(0));
-    let target = match lean::Target::new(ws_base) {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
+    let targets: Result<Vec<_>, _> = ws_bases.iter().map(|b| lean::Target::new(b)).collect();
+    let targets = match targets {
+        Ok(t) if !t.is_empty() => Arc::new(t),
+        Ok(_) | Err(_) => {
             return Round {
                 latencies: Vec::new(),
-                errors: BTreeMap::from([(e, joins)]),
+                errors: BTreeMap::from([("no usable target URL".to_string(), joins)]),
                 elapsed: Duration::ZERO,
             };
         }
@@ -461,7 +484,7 @@ async fn churn(ws_base: &str, tokens: &TokenSlice, concurrency: usize, joins: us
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (tokens, next, target) = (tokens.clone(), next.clone(), target.clone());
+        let (tokens, next, targets) = (tokens.clone(), next.clone(), targets.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = Vec::new();
@@ -471,7 +494,7 @@ async fn churn(ws_base: &str, tokens: &TokenSlice, concurrency: usize, joins: us
                     break;
                 }
                 let t = Instant::now();
-                match target.join(tokens.get(i)).await {
+                match targets[i % targets.len()].join(tokens.get(i)).await {
                     Ok(socket) => {
                         latencies.push(t.elapsed());
                         lean::leave(socket).await;
@@ -822,14 +845,45 @@ async fn pump(p: &mut spacegate_client::participant::Participant) {
     }
 }
 
-async fn run_join(c: &Common, concurrency: usize, joins: usize) -> Result<()> {
+async fn run_join(
+    c: &Common,
+    concurrency: usize,
+    joins: usize,
+    via: &[String],
+    hold_per_space: bool,
+) -> Result<()> {
     if concurrency == 0 || joins == 0 {
         bail!("--concurrency and --joins must be positive");
     }
     let (target, tokens) = prepare(c, joins).await?;
+    let mut holders = Holders::new(&target.ws_base);
+    if hold_per_space {
+        let n = target.spaces.len();
+        let held = TokenSlice::all(target.sign(Some("home"), n)?);
+        let r = holders.ramp(&held, n, 100).await;
+        if r.joined < n {
+            bail!(
+                "only {} of {n} spaces got their resident: {:?}",
+                r.joined,
+                r.errors
+            );
+        }
+    }
     pin_if_asked(c)?;
+    let bases: Vec<String> = if via.is_empty() {
+        vec![target.ws_base.clone()]
+    } else {
+        via.iter()
+            .map(|u| {
+                u.trim_end_matches('/')
+                    .replacen("http://", "ws://", 1)
+                    .replacen("https://", "wss://", 1)
+            })
+            .collect()
+    };
     let cpu_before = c.server_pid.and_then(cpu_seconds);
-    let round = churn(&target.ws_base, &tokens, concurrency, joins).await;
+    let round = churn_over(&bases, &tokens, concurrency, joins).await;
+    holders.release().await;
     let server_cpu = c
         .server_pid
         .and_then(cpu_seconds)

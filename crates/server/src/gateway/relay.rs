@@ -68,7 +68,10 @@ pub(super) async fn connect(
 ) -> Option<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
 > {
-    match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url)).await {
+    // TCP_NODELAY: signaling is small messages that must not wait for an ACK (Nagle) on
+    // the hop between nodes.
+    let connect = tokio_tungstenite::connect_async_with_config(url, None, true);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok((ws, _))) => Some(ws),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "home node refused a relayed join");
