@@ -15,6 +15,7 @@ source "$(dirname "$0")/lib.sh"
 JOINS=${JOINS:-5000}
 CONC=${CONC:-100}
 SPACES=${SPACES:-1000}
+MSGS=${MSGS:-10}
 REDIS=${REDIS:-redis://127.0.0.1:6379}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 CSV="$OUT/cluster-$STAMP.csv"
@@ -115,6 +116,11 @@ run local "$A_PID" "$B_PID" -- --url "$A_URL" --hold-per-space \
   --concurrency "$CONC" --joins "$JOINS" --spaces "$SPACES"
 run carried "$A_PID" "$B_PID" -- --url "$A_URL" --via "$B_URL" --hold-per-space \
   --concurrency "$CONC" --joins "$JOINS" --spaces "$SPACES"
+echo "== the same with $MSGS custom events per join (each awaits its echo): the cost of a carried message"
+run local-msgs "$A_PID" "$B_PID" -- --url "$A_URL" --hold-per-space --messages "$MSGS" \
+  --concurrency "$CONC" --joins "$JOINS" --spaces "$SPACES"
+run carried-msgs "$A_PID" "$B_PID" -- --url "$A_URL" --via "$B_URL" --hold-per-space \
+  --messages "$MSGS" --concurrency "$CONC" --joins "$JOINS" --spaces "$SPACES"
 cleanup_cluster
 for db in one three; do psql "$PG/test" -qc "DROP DATABASE IF EXISTS sg_bench_${db}_$$ WITH (FORCE)" >/dev/null || true; done
 
@@ -140,5 +146,11 @@ print(f"carried join latency: p50 {carried['p50_ms']} ms vs {local['p50_ms']} ms
       f"p99 {carried['p99_ms']} ms vs {local['p99_ms']} ms (+{carried['p99_ms'] - local['p99_ms']:.2f})")
 print(f"server CPU per join (both nodes): carried {carried['server_cpu_us_per_join']} µs, local {local['server_cpu_us_per_join']} µs: "
       f"carrying costs {carried['server_cpu_us_per_join'] - local['server_cpu_us_per_join']:.1f} µs per join")
+lm, cm = rows["local-msgs"], rows["carried-msgs"]
+n = lm.get("messages") or 1
+per_local = (lm["server_cpu_us_per_join"] - local["server_cpu_us_per_join"]) / n
+per_carried = (cm["server_cpu_us_per_join"] - carried["server_cpu_us_per_join"]) / n
+print(f"a custom event and its echo: {per_local:.1f} µs of server CPU hosted here, {per_carried:.1f} µs carried "
+      f"(carrying a message costs {per_carried - per_local:.1f} µs)")
 PY
 echo "csv: $CSV"

@@ -284,9 +284,10 @@ fn keep_node_lease(
         // never earlier.
         let mut renewed_at = tokio::time::Instant::now();
         let mut hosting = true;
+        let mut cpu = CpuMeter::default();
         loop {
             tick.tick().await;
-            redis.set_load(u64::try_from(gateway.connection_count()).unwrap_or(u64::MAX));
+            redis.set_load(load_score(gateway.load(), cpu.busy()));
             let sent = tokio::time::Instant::now();
             // Bounded by the tick: a Redis that hangs must not hold up the decision below.
             let renewed = tokio::time::timeout(lease / 3, redis.renew())
@@ -325,6 +326,42 @@ fn keep_node_lease(
             }
         }
     })
+}
+
+/// A node whose process used at least this share of its cores since the last renewal
+/// counts as busy: new spaces go elsewhere while any node is not.
+const BUSY_CPU_SHARE: f64 = 0.9;
+
+/// The load a node publishes: participants and peer connections, and far above any other
+/// node's while its CPU is saturated (it is chosen only when every node is).
+fn load_score(load: u64, busy: bool) -> u64 {
+    if busy {
+        load.saturating_add(1 << 40)
+    } else {
+        load
+    }
+}
+
+/// The process's CPU share between two calls to [`CpuMeter::busy`].
+#[derive(Default)]
+struct CpuMeter {
+    last: Option<(std::time::Instant, f64)>,
+}
+
+impl CpuMeter {
+    fn busy(&mut self) -> bool {
+        let Some((cpu, _)) = spacegate_server::metrics::process_usage() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let busy = self.last.is_some_and(|(at, before)| {
+            let wall = now.duration_since(at).as_secs_f64();
+            wall > 0.0 && (cpu - before) / wall >= BUSY_CPU_SHARE * cores
+        });
+        self.last = Some((now, cpu));
+        busy
+    }
 }
 
 /// Every lease period, spaces the store says are active but that have no live home are
@@ -867,7 +904,19 @@ async fn verify(args: VerifyArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{load_score, parse_duration};
+
+    #[test]
+    fn a_saturated_node_loses_every_choice_of_home_to_one_that_is_not() {
+        let busy_and_empty = load_score(0, true);
+        let idle_and_full = load_score(10_000, false);
+        assert!(idle_and_full < busy_and_empty);
+        assert!(load_score(3, false) < load_score(4, false));
+        assert!(
+            load_score(3, true) < load_score(4, true),
+            "all busy: still by load"
+        );
+    }
 
     #[test]
     fn durations_need_units() {

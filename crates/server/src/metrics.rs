@@ -167,7 +167,7 @@ impl Metrics {
 }
 
 /// utime + stime of this process in seconds, and its resident set in bytes.
-fn process_usage() -> Option<(f64, i64)> {
+pub fn process_usage() -> Option<(f64, i64)> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15,
     // rss (in pages) field 24.

@@ -58,6 +58,11 @@ enum Command {
         /// through --via other nodes then measures carried joins.
         #[arg(long)]
         hold_per_space: bool,
+        /// Custom events each joined connection sends (one at a time, each awaiting its
+        /// echo) before it leaves: the cost of signaling messages (at most 10, the
+        /// per-participant rate).
+        #[arg(long, default_value_t = 0)]
+        messages: usize,
     },
     /// Open idle joined connections and keep them (answering pings) for a while.
     Hold {
@@ -400,7 +405,8 @@ async fn main() -> Result<()> {
             joins,
             via,
             hold_per_space,
-        } => run_join(&common, concurrency, joins, &via, hold_per_space).await,
+            messages,
+        } => run_join(&common, concurrency, joins, &via, hold_per_space, messages).await,
         Command::Hold {
             common,
             connections,
@@ -459,15 +465,17 @@ impl Round {
 /// `joins` joins, `concurrency` in flight; each leaves at once (close without waiting),
 /// as a churning client would.
 async fn churn(ws_base: &str, tokens: &TokenSlice, concurrency: usize, joins: usize) -> Round {
-    churn_over(&[ws_base.to_string()], tokens, concurrency, joins).await
+    churn_over(&[ws_base.to_string()], tokens, concurrency, joins, 0).await
 }
 
 /// [`churn`] with join `i` entering through `ws_bases[i % n]`.
+/// Each joined connection exchanges `messages` custom events before it leaves.
 async fn churn_over(
     ws_bases: &[String],
     tokens: &TokenSlice,
     concurrency: usize,
     joins: usize,
+    messages: usize,
 ) -> Round {
     let next = Arc::new(AtomicUsize::new(0));
     let targets: Result<Vec<_>, _> = ws_bases.iter().map(|b| lean::Target::new(b)).collect();
@@ -495,8 +503,13 @@ async fn churn_over(
                 }
                 let t = Instant::now();
                 match targets[i % targets.len()].join(tokens.get(i)).await {
-                    Ok(socket) => {
+                    Ok(mut socket) => {
                         latencies.push(t.elapsed());
+                        if messages > 0
+                            && let Err(e) = lean::exchange(&mut socket, messages).await
+                        {
+                            errors.push(e);
+                        }
                         lean::leave(socket).await;
                     }
                     Err(e) => errors.push(e),
@@ -851,7 +864,11 @@ async fn run_join(
     joins: usize,
     via: &[String],
     hold_per_space: bool,
+    messages: usize,
 ) -> Result<()> {
+    if messages > 10 {
+        bail!("--messages is at most 10 (the per-participant custom-event rate)");
+    }
     if concurrency == 0 || joins == 0 {
         bail!("--concurrency and --joins must be positive");
     }
@@ -882,14 +899,14 @@ async fn run_join(
             .collect()
     };
     let cpu_before = c.server_pid.and_then(cpu_seconds);
-    let round = churn_over(&bases, &tokens, concurrency, joins).await;
+    let round = churn_over(&bases, &tokens, concurrency, joins, messages).await;
     holders.release().await;
     let server_cpu = c
         .server_pid
         .and_then(cpu_seconds)
         .zip(cpu_before)
         .map(|(after, before)| after - before);
-    let mut out = json!({"mode": "join", "concurrency": concurrency});
+    let mut out = json!({"mode": "join", "concurrency": concurrency, "messages": messages});
     merge(&mut out, round.to_json());
     out["server_cpu_seconds"] = json!(server_cpu);
     out["server_cpu_us_per_join"] =
@@ -1643,6 +1660,45 @@ mod lean {
                 Err("expected joined first".into())
             }
         }
+    }
+
+    /// `n` custom events, each sent once the previous one's echo came back (the server
+    /// echoes them to their author): signaling messages through whatever carries the
+    /// connection. At most the space's `custom_events_per_second` (10) per second.
+    pub async fn exchange(socket: &mut Box<dyn Io>, n: usize) -> Result<(), String> {
+        let mut buf = Vec::with_capacity(512);
+        for i in 0..n {
+            let text = format!(
+                "{{\"custom_event\":{{\"id\":\"m{i}\",\"payload\":\"x\",\"scope\":1}},\"request_id\":\"m{i}\"}}"
+            );
+            // FIN + text, masked with key 0 (the payload goes as it is); always < 126 bytes.
+            let mut frame = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
+            frame.extend_from_slice(text.as_bytes());
+            socket
+                .write_all(&frame)
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let wanted = format!("\"request_id\":\"m{i}\"");
+            loop {
+                let Some((_, opcode, start, end)) = frame_at(&buf) else {
+                    read_more(socket, &mut buf).await?;
+                    continue;
+                };
+                let echoed = opcode == 0x1
+                    && buf[start..end]
+                        .windows(wanted.len())
+                        .any(|w| w == wanted.as_bytes());
+                let closed = opcode == 0x8;
+                buf.drain(..end);
+                if closed {
+                    return Err("closed during the exchange".into());
+                }
+                if echoed {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A close frame (masked, as from a client), then waits for the server to close the

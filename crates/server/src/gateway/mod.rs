@@ -256,6 +256,14 @@ impl Gateway {
         self.homes.get()
     }
 
+    /// What a new space would add to: participants connected here and media peer
+    /// connections (each costs the media plane CPU), for the cluster's choice of homes.
+    pub fn load(&self) -> u64 {
+        let participants = u64::try_from(self.connection_count()).unwrap_or(u64::MAX);
+        let peers = u64::try_from(self.metrics.sfu_peer_connections.get()).unwrap_or(0);
+        participants.saturating_add(peers)
+    }
+
     pub fn connection_count(&self) -> usize {
         lock(&self.conns).len()
     }
