@@ -35,12 +35,14 @@ fresh_db() {
   echo "$PG/$name"
 }
 
-# start_node NAME DB CLUSTER: a cluster node on core 0; sets NODE_URL and NODE_PID.
+# start_node NAME DB CLUSTER [extra flags…]: a cluster node on core 0; sets NODE_URL and
+# NODE_PID.
 start_node() {
   local name=$1 db=$2 cluster=$3
+  shift 3
   taskset -c 0 "$BIN/spacegate" serve --listen 127.0.0.1:0 --database-url "$db" \
     --redis-url "$REDIS" --cluster "$cluster" --node-id "$name" --join-rate-per-ip 0 \
-    --log warn >"$WORK/out-$name" 2>"$WORK/err-$name" &
+    --log warn "$@" >"$WORK/out-$name" 2>"$WORK/err-$name" &
   NODE_PID=$!
   NODES+=("$NODE_PID")
   for _ in $(seq 100); do grep -q listening "$WORK/out-$name" && break; sleep 0.1; done
@@ -111,7 +113,16 @@ token_for "$DB"
 run three "$A_PID" "$B_PID" "$C_PID" -- --url "$A_URL" --via "$A_URL,$B_URL,$C_URL" \
   --concurrency "$CONC" --joins "$JOINS" --spaces "$SPACES"
 
+cleanup_cluster
+
 echo "== local against carried: every space hosted on a (one resident each), joins through a, then through b"
+# Two fresh nodes whose loads stay as published at start (both 0; the lease, and with it
+# the publication, is renewed every 200 s): every space's first join, through a, keeps
+# its home on a (a tie stays with the node asked), so joins through b are all carried.
+DB=$(fresh_db pair)
+start_node a "$DB" "bench-pair-$$" --node-lease-ms 600000; A_URL=$NODE_URL; A_PID=$NODE_PID
+start_node b "$DB" "bench-pair-$$" --node-lease-ms 600000; B_URL=$NODE_URL; B_PID=$NODE_PID
+token_for "$DB"
 run local "$A_PID" "$B_PID" -- --url "$A_URL" --hold-per-space \
   --concurrency "$CONC" --joins "$JOINS" --spaces "$SPACES"
 run carried "$A_PID" "$B_PID" -- --url "$A_URL" --via "$B_URL" --hold-per-space \
@@ -122,7 +133,7 @@ run local-msgs "$A_PID" "$B_PID" -- --url "$A_URL" --hold-per-space --messages "
 run carried-msgs "$A_PID" "$B_PID" -- --url "$A_URL" --via "$B_URL" --hold-per-space \
   --messages "$MSGS" --concurrency "$CONC" --joins "$JOINS" --spaces "$SPACES"
 cleanup_cluster
-for db in one three; do psql "$PG/test" -qc "DROP DATABASE IF EXISTS sg_bench_${db}_$$ WITH (FORCE)" >/dev/null || true; done
+for db in one three pair; do psql "$PG/test" -qc "DROP DATABASE IF EXISTS sg_bench_${db}_$$ WITH (FORCE)" >/dev/null || true; done
 
 python3 - "$WORK/lines" "$CSV" <<'PY'
 import csv, json, sys
