@@ -1041,43 +1041,60 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// A node of this cluster on a free port, `extra` flags after the cluster's own.
+    fn node(&self, id: &str, extra: &[&str]) -> Running {
+        self.node_in(&self.cluster, id, extra)
+    }
+
+    /// A join token for `space` (for `participant`, or without one), signed by
+    /// `spacegate sign` with a key as the API returned it.
+    fn sign(&self, space: &str, participant: Option<&str>, key: &Value) -> String {
+        let mut cmd = spacegate(self.dir.path());
+        cmd.args(["sign", space])
+            .args(["--key-id", key["id"].as_str().expect("kid")])
+            .args(["--private-key", key["private_key"].as_str().expect("key")]);
+        if let Some(p) = participant {
+            cmd.args(["--participant-id", p]);
+        }
+        run_ok(&mut cmd).trim().to_string()
+    }
+
+    /// [`Cluster::node`] under another cluster name (same PostgreSQL and Redis).
+    fn node_in(&self, cluster: &str, id: &str, extra: &[&str]) -> Running {
+        let mut cmd = spacegate(self.dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &self.db.url])
+            .args([
+                "--redis-url",
+                &self.redis,
+                "--cluster",
+                cluster,
+                "--node-id",
+                id,
+            ])
+            .args(extra);
+        start(cmd)
+    }
+}
+
 /// Two nodes on one PostgreSQL and one Redis: a participant id is unique across both, the
 /// ids of a node that dies (kill -9) are free again within its lease, and a cluster of
 /// another name on the same Redis sees none of it.
 #[test]
 fn participant_ids_are_unique_across_the_nodes_of_a_cluster() {
-    let Some(Cluster {
-        db,
-        redis,
-        dir,
-        cluster,
-        token,
-    }) = Cluster::new("cli-")
-    else {
+    let Some(c) = Cluster::new("cli-") else {
         return;
     };
+    let token = c.token.clone();
     let lease_ms = 1000;
     let node = |id: &str, cluster: &str| {
-        let mut cmd = spacegate(dir.path());
-        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-            .args(["--redis-url", &redis, "--cluster", cluster, "--node-id", id])
-            .args(["--node-lease-ms", &lease_ms.to_string()]);
-        start(cmd)
+        c.node_in(cluster, id, &["--node-lease-ms", &lease_ms.to_string()])
     };
-    let (mut a, b) = (node("a", &cluster), node("b", &cluster));
+    let (mut a, b) = (node("a", &c.cluster), node("b", &c.cluster));
     let space = create(&a, &token, "/video/v1/spaces");
     let space_id = space["id"].as_str().expect("id");
     let key = create(&a, &token, "/system/v1/signing-keys");
-    let jwt = run_ok(spacegate(dir.path()).args([
-        "sign",
-        space_id,
-        "--participant-id",
-        "alice",
-        "--key-id",
-        key["id"].as_str().expect("kid"),
-        "--private-key",
-        key["private_key"].as_str().expect("key"),
-    ]));
+    let jwt = c.sign(space_id, Some("alice"), &key);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let join = |n: &Running| {
         let ws = n.url.replacen("http://", "ws://", 1);
@@ -1098,7 +1115,7 @@ fn participant_ids_are_unique_across_the_nodes_of_a_cluster() {
         Ok(_) => panic!("alice joined twice, once on each node"),
     }
     // Another cluster on the same Redis (and here the same database) shares no ids.
-    let other = node("a", &format!("{cluster}-other"));
+    let other = node("a", &format!("{}-other", c.cluster));
     let elsewhere = join(&other).expect("another cluster does not see alice");
     drop(elsewhere);
 
@@ -1127,43 +1144,15 @@ fn participant_ids_are_unique_across_the_nodes_of_a_cluster() {
 /// of the cluster within a second, although the others had them cached.
 #[test]
 fn deletes_reach_every_node_of_a_cluster_within_a_second() {
-    let Some(Cluster {
-        db,
-        redis,
-        dir,
-        cluster,
-        token,
-    }) = Cluster::new("cli-del-")
-    else {
+    let Some(c) = Cluster::new("cli-del-") else {
         return;
     };
-    let node = |id: &str| {
-        let mut cmd = spacegate(dir.path());
-        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-            .args([
-                "--redis-url",
-                &redis,
-                "--cluster",
-                &cluster,
-                "--node-id",
-                id,
-            ])
-            // The polls below join from one address faster than a client would.
-            .args(["--join-rate-per-ip", "0"]);
-        start(cmd)
-    };
+    let token = c.token.clone();
+    // The polls below join from one address faster than a client would.
+    let node = |id: &str| c.node(id, &["--join-rate-per-ip", "0"]);
     let (a, b) = (node("a"), node("b"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let sign = |space: &str, key: &Value| {
-        run_ok(spacegate(dir.path()).args([
-            "sign",
-            space,
-            "--key-id",
-            key["id"].as_str().expect("kid"),
-            "--private-key",
-            key["private_key"].as_str().expect("key"),
-        ]))
-    };
+    let sign = |space: &str, key: &Value| c.sign(space, None, key);
     let join = |n: &Running, jwt: &str| {
         let ws = n.url.replacen("http://", "ws://", 1);
         rt.block_on(spacegate_client::Session::join(
@@ -1245,47 +1234,17 @@ fn deletes_reach_every_node_of_a_cluster_within_a_second() {
 #[test]
 fn participants_entering_through_different_nodes_share_one_space() {
     use spacegate_proto::signaling::ServerMessage;
-    let Some(Cluster {
-        db,
-        redis,
-        dir,
-        cluster,
-        token,
-    }) = Cluster::new("cli-home-")
-    else {
+    let Some(c) = Cluster::new("cli-home-") else {
         return;
     };
+    let token = c.token.clone();
     let lease_ms: u64 = 1000;
-    let node = |id: &str| {
-        let mut cmd = spacegate(dir.path());
-        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-            .args([
-                "--redis-url",
-                &redis,
-                "--cluster",
-                &cluster,
-                "--node-id",
-                id,
-            ])
-            .args(["--node-lease-ms", &lease_ms.to_string()]);
-        start(cmd)
-    };
+    let node = |id: &str| c.node(id, &["--node-lease-ms", &lease_ms.to_string()]);
     let (mut a, b) = (node("a"), node("b"));
     let space = create(&a, &token, "/video/v1/spaces");
     let space_id = space["id"].as_str().expect("id").to_string();
     let key = create(&a, &token, "/system/v1/signing-keys");
-    let sign = |participant: &str| {
-        run_ok(spacegate(dir.path()).args([
-            "sign",
-            &space_id,
-            "--participant-id",
-            participant,
-            "--key-id",
-            key["id"].as_str().expect("kid"),
-            "--private-key",
-            key["private_key"].as_str().expect("key"),
-        ]))
-    };
+    let sign = |participant: &str| c.sign(&space_id, Some(participant), &key);
     let (alice_jwt, bob_jwt) = (sign("alice"), sign("bob"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let join = |n: &Running, jwt: &str| {
@@ -1382,45 +1341,16 @@ fn participants_entering_through_different_nodes_share_one_space() {
 #[test]
 fn media_reaches_a_participant_who_entered_through_another_node() {
     use spacegate_client::participant::{Participant, Synthetic, TrackSpec, audio_payload};
-    let Some(Cluster {
-        db,
-        redis,
-        dir,
-        cluster,
-        token,
-    }) = Cluster::new("cli-media-")
-    else {
+    let Some(c) = Cluster::new("cli-media-") else {
         return;
     };
-    let node = |id: &str| {
-        let mut cmd = spacegate(dir.path());
-        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-            .args([
-                "--redis-url",
-                &redis,
-                "--cluster",
-                &cluster,
-                "--node-id",
-                id,
-            ]);
-        start(cmd)
-    };
+    let token = c.token.clone();
+    let node = |id: &str| c.node(id, &[]);
     let (a, b) = (node("a"), node("b"));
     let space = create(&a, &token, "/video/v1/spaces");
     let space_id = space["id"].as_str().expect("id").to_string();
     let key = create(&a, &token, "/system/v1/signing-keys");
-    let sign = |participant: &str| {
-        run_ok(spacegate(dir.path()).args([
-            "sign",
-            &space_id,
-            "--participant-id",
-            participant,
-            "--key-id",
-            key["id"].as_str().expect("kid"),
-            "--private-key",
-            key["private_key"].as_str().expect("key"),
-        ]))
-    };
+    let sign = |participant: &str| c.sign(&space_id, Some(participant), &key);
     let (alice_jwt, bob_jwt) = (sign("alice"), sign("bob"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
@@ -1621,45 +1551,20 @@ fn a_node_cut_off_from_redis_stops_hosting_before_its_lease_ends_and_recovers() 
 /// another node at once, long before the lease would have run out.
 #[test]
 fn a_draining_node_hands_its_spaces_over_at_once() {
-    let Some(Cluster {
-        db,
-        redis,
-        dir,
-        cluster,
-        token,
-    }) = Cluster::new("cli-drain-")
-    else {
+    let Some(c) = Cluster::new("cli-drain-") else {
         return;
     };
+    let token = c.token.clone();
+    // A lease far longer than the test: getting back in must not wait for it.
     let node = |id: &str| {
-        let mut cmd = spacegate(dir.path());
-        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-            .args([
-                "--redis-url",
-                &redis,
-                "--cluster",
-                &cluster,
-                "--node-id",
-                id,
-            ])
-            // A lease far longer than the test: getting back in must not wait for it.
-            .args(["--node-lease-ms", "60000", "--drain-timeout-ms", "3000"]);
-        start(cmd)
+        c.node(
+            id,
+            &["--node-lease-ms", "60000", "--drain-timeout-ms", "3000"],
+        )
     };
     let (mut a, b) = (node("a"), node("b"));
     let key = create(&a, &token, "/system/v1/signing-keys");
-    let sign = |space: &str, participant: &str| {
-        run_ok(spacegate(dir.path()).args([
-            "sign",
-            space,
-            "--participant-id",
-            participant,
-            "--key-id",
-            key["id"].as_str().expect("kid"),
-            "--private-key",
-            key["private_key"].as_str().expect("key"),
-        ]))
-    };
+    let sign = |space: &str, participant: &str| c.sign(space, Some(participant), &key);
     let here = create(&a, &token, "/video/v1/spaces")["id"]
         .as_str()
         .expect("id")
@@ -1730,43 +1635,17 @@ fn a_draining_node_hands_its_spaces_over_at_once() {
 /// hosts), so it reads idle and can be deleted, with no join needed.
 #[test]
 fn a_space_whose_home_died_is_idle_again() {
-    let Some(Cluster {
-        db,
-        redis,
-        dir,
-        cluster,
-        token,
-    }) = Cluster::new("cli-orphan-")
-    else {
+    let Some(c) = Cluster::new("cli-orphan-") else {
         return;
     };
+    let token = c.token.clone();
     let lease_ms: u64 = 1000;
-    let node = |id: &str| {
-        let mut cmd = spacegate(dir.path());
-        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-            .args([
-                "--redis-url",
-                &redis,
-                "--cluster",
-                &cluster,
-                "--node-id",
-                id,
-            ])
-            .args(["--node-lease-ms", &lease_ms.to_string()]);
-        start(cmd)
-    };
+    let node = |id: &str| c.node(id, &["--node-lease-ms", &lease_ms.to_string()]);
     let (mut a, b) = (node("a"), node("b"));
     let space = create(&a, &token, "/video/v1/spaces");
     let space_id = space["id"].as_str().expect("id").to_string();
     let key = create(&a, &token, "/system/v1/signing-keys");
-    let jwt = run_ok(spacegate(dir.path()).args([
-        "sign",
-        &space_id,
-        "--key-id",
-        key["id"].as_str().expect("kid"),
-        "--private-key",
-        key["private_key"].as_str().expect("key"),
-    ]));
+    let jwt = c.sign(&space_id, None, &key);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let ws = a.url.replacen("http://", "ws://", 1);
     let session = rt
@@ -1932,31 +1811,12 @@ fn a_node_rides_out_a_postgresql_outage() {
 /// stands for its departure.
 #[test]
 fn a_reconnect_on_an_expired_token_after_its_home_crashed_is_let_back_in() {
-    let Some(Cluster {
-        db,
-        redis,
-        dir,
-        cluster,
-        token,
-    }) = Cluster::new("cli-grace-")
-    else {
+    let Some(c) = Cluster::new("cli-grace-") else {
         return;
     };
+    let token = c.token.clone();
     let lease_ms: u64 = 1000;
-    let node = |id: &str| {
-        let mut cmd = spacegate(dir.path());
-        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-            .args([
-                "--redis-url",
-                &redis,
-                "--cluster",
-                &cluster,
-                "--node-id",
-                id,
-            ])
-            .args(["--node-lease-ms", &lease_ms.to_string()]);
-        start(cmd)
-    };
+    let node = |id: &str| c.node(id, &["--node-lease-ms", &lease_ms.to_string()]);
     let (mut a, b) = (node("a"), node("b"));
     let space = create(&a, &token, "/video/v1/spaces");
     let key = create(&a, &token, "/system/v1/signing-keys");
@@ -2011,52 +1871,18 @@ fn a_reconnect_on_an_expired_token_after_its_home_crashed_is_let_back_in() {
 /// notice.
 #[test]
 fn three_nodes_admit_one_of_a_thousand_and_survive_one_of_them() {
-    let Some(Cluster {
-        db,
-        redis,
-        dir,
-        cluster,
-        token,
-    }) = Cluster::new("cli-three-")
-    else {
+    let Some(c) = Cluster::new("cli-three-") else {
         return;
     };
+    let token = c.token.clone();
     let lease_ms: u64 = 1000;
     let node = |id: &str| {
-        let mut cmd = spacegate(dir.path());
-        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-            .args([
-                "--redis-url",
-                &redis,
-                "--cluster",
-                &cluster,
-                "--node-id",
-                id,
-            ])
-            .args([
-                "--node-lease-ms",
-                &lease_ms.to_string(),
-                "--join-rate-per-ip",
-                "0",
-            ]);
-        start(cmd)
+        let lease = lease_ms.to_string();
+        c.node(id, &["--node-lease-ms", &lease, "--join-rate-per-ip", "0"])
     };
     let nodes = [node("a"), node("b"), node("c")];
     let key = create(&nodes[0], &token, "/system/v1/signing-keys");
-    let sign = |space: &str, participant: &str| {
-        run_ok(spacegate(dir.path()).args([
-            "sign",
-            space,
-            "--participant-id",
-            participant,
-            "--key-id",
-            key["id"].as_str().expect("kid"),
-            "--private-key",
-            key["private_key"].as_str().expect("key"),
-        ]))
-        .trim()
-        .to_string()
-    };
+    let sign = |space: &str, participant: &str| c.sign(space, Some(participant), &key);
     let raced = create(&nodes[0], &token, "/video/v1/spaces")["id"]
         .as_str()
         .expect("id")

@@ -284,9 +284,7 @@ impl Gateway {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.drained.notify_waiters();
-        for c in lock(&self.conns).values() {
-            c.close(CLOSE_RESTART);
-        }
+        self.reconnect_all();
         let deadline = Instant::now() + grace;
         // Joined connections, and the relays carrying clients to other nodes (they hold a
         // connection permit too).
