@@ -1935,15 +1935,16 @@ fn three_nodes_admit_one_of_a_thousand_and_survive_one_of_them() {
         .expect("steady via c");
     let mut watcher = rt
         .block_on(spacegate_client::Session::join(
-            &urls[1],
+            &urls[2],
             &sign(&calm, "watcher"),
             &spacegate_client::JoinOptions::default(),
         ))
-        .expect("watcher via b");
+        .expect("watcher via c");
     // A node that is neither that space's home nor the watcher's way in dies; the space
     // goes on: a custom event still gets from one to the other.
     let home = steady.joined().sub_sfus[0].sfu_id.clone();
-    let victim = if home == "sfu-a" { 2 } else { 0 };
+    // Both entered through c: kill a node that is neither c nor the home.
+    let victim = if home == "sfu-a" { 1 } else { 0 };
     let mut nodes = nodes;
     nodes[victim].child.kill().expect("kill -9");
     nodes[victim].child.wait().expect("reap");
